@@ -1,0 +1,3 @@
+from slimforge.cli import app
+
+app()

@@ -1,0 +1,133 @@
+"""Artifact I/O: atomic directories, safetensors weights, meta.json lineage, content hashes.
+
+Every stage writes its outputs into a temporary sibling directory and renames it into
+place only when the stage has finished, so DVC and later stages never see half an
+artifact. Weights are safetensors only; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slimforge import PACKAGE_ROOTS
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+
+
+class ArtifactError(ValueError):
+    """A file that is missing, corrupt, or not what the stage expects."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a directory's sorted (relative path, file hash) pairs."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such artifact")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """sha256 of the package sources (works without git, identical for both ways in)."""
+    h = hashlib.sha256()
+    for root in PACKAGE_ROOTS:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f"{f.relative_to(root.parent).as_posix()}\0".encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``final``; rename it over ``final`` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load safetensors, turning a truncated or corrupt file into a one-line ArtifactError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def write_meta(directory: Path, *, root: Path, stage: str, method: str, config: dict, seed: int | None,
+               parents: dict[str, Path], extra: dict | None = None) -> dict:
+    """meta.json: what made this artifact, from which inputs (by content hash).
+
+    Parent paths are recorded relative to the workspace ``root`` so that two workspaces
+    running the same params write byte-identical meta files.
+    """
+    meta = {
+        "stage": stage,
+        "method": method,
+        "config": config,
+        "seed": seed,
+        "code_version": code_version(),
+        "parents": {name: {"path": Path(p).resolve().relative_to(Path(root).resolve()).as_posix(), "sha256": content_hash(p)} for name, p in parents.items()},
+        **(extra or {}),
+    }
+    write_json_atomic(Path(directory) / META, meta)
+    return meta
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; run the stage that makes {Path(directory).name} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None

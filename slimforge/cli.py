@@ -1,0 +1,97 @@
+"""The slimforge command line: run, stage, validate, report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimforge.artifacts import ArtifactError
+from slimforge.config import ParamsError, load_params
+from slimforge.stages import STAGE_NAMES
+from slimforge.workspace import Workspace
+
+app = typer.Typer(help="slimforge: make a model smaller, faster and more capable, reproducibly.",
+                  no_args_is_help=True, add_completion=False)
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="params file (a preset in params/ or params.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.epochs=3 (repeatable)"),
+    until: Optional[str] = typer.Option(None, "--until", help=f"stop after this stage: {', '.join(STAGE_NAMES)}"),
+) -> None:
+    """Run the pipeline through the Prefect flow (stages whose inputs did not change are skipped)."""
+    try:
+        load_params(params, set_)  # reject bad params before Prefect or DVC start
+    except ParamsError as e:
+        _fail(str(e))
+    if until is not None and until not in STAGE_NAMES:
+        _fail(f"--until: {until!r} is not one of {', '.join(STAGE_NAMES)}")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.pipeline import pipeline
+
+    timings = pipeline(params_file=str(params), overrides=list(set_), until=until,
+                       workspace=str(Workspace.current().root))
+    table = Table(title="slimforge: seconds per stage (0 = unchanged, skipped)")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for name, secs in timings.items():
+        table.add_row(name, f"{secs:.1f}")
+    table.add_row("total", f"{sum(timings.values()):.1f}")
+    Console().print(table)
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help=f"one of {', '.join(STAGE_NAMES)}")) -> None:
+    """Run one stage with params.yaml (what dvc.yaml's commands call)."""
+    from slimforge.stages import run_stage
+
+    if name not in STAGE_NAMES:
+        _fail(f"stage {name!r} is not one of {', '.join(STAGE_NAMES)}")
+    try:
+        run_stage(name, Workspace.current())
+    except (ParamsError, ArtifactError, ValueError) as e:
+        _fail(str(e), code=1)
+
+
+@app.command()
+def validate(file: Path = typer.Argument(..., help="params file to check")) -> None:
+    """Check a params file; exit status 2 and one line per problem when it is invalid."""
+    try:
+        load_params(file)
+    except ParamsError as e:
+        _fail(str(e))
+    Console().print(f"{file}: valid")
+
+
+@app.command()
+def report(
+    summary: Path = typer.Option(Path("metrics/summary.csv"), help="metrics table written by the evaluate stage"),
+    out: Path = typer.Option(Path("reports"), help="directory for report.html, report.md and the plot"),
+) -> None:
+    """Render the HTML/Markdown report from metrics/summary.csv."""
+    from tasks.evaluate.report import render_report
+    from tasks.evaluate.schema import read_summary
+
+    try:
+        paths = render_report(read_summary(summary), out)
+    except (ValueError, OSError) as e:
+        _fail(str(e), code=1)
+    for p in paths:
+        Console().print(str(p))
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())

@@ -1,0 +1,83 @@
+"""evaluate stage runner: every artifact of the pipeline measured on one harness.
+
+Rows of metrics/summary.csv: the base, pruned and quantized models on the test split; each
+task model on its own task; the base and the merged model on every task and on the mean
+over tasks (the comparison task arithmetic is judged by).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta
+from slimforge.checkpoint import load_any, load_multihead
+from slimforge.data import load_dataset
+from slimforge.transforms import apply_transform
+from tasks.evaluate.harness import (bits_per_parameter, classification_metrics, count_parameters, latency_ms,
+                                    predict, size_on_disk, sparsity)
+from tasks.evaluate.report import render_report
+from tasks.evaluate.schema import validate_summary, write_summary
+
+
+def _measure(model, x, y, num_classes, weights: Path, cfg) -> dict:
+    """Every harness column for one model on (x, y); size is the weights file on disk."""
+    m = classification_metrics(predict(model, x), y, num_classes)
+    size, n = size_on_disk(weights), count_parameters(model)
+    b1, b256 = cfg.latency_batches
+    g = torch.Generator().manual_seed(cfg.seed)
+    time = lambda b: latency_ms(model, tuple(x.shape[1:]), b, cfg.latency_repeats, cfg.latency_warmup, g)  # noqa: E731
+    return {"accuracy": m["accuracy"], "loss": m["loss"], "ece": m["ece"], "size_bytes": size,
+            "sparsity": sparsity(model), "bits": bits_per_parameter(size, n), "params": n,
+            "latency_ms_b1": time(b1), "latency_ms_b256": time(b256)}
+
+
+def _row(artifact: str, directory: Path, evaluated_on: str, measured: dict) -> dict:
+    meta = read_meta(directory)
+    return {"artifact": artifact, "stage": meta["stage"], "method": meta["method"],
+            "evaluated_on": evaluated_on, **measured}
+
+
+def _on_tasks(artifact: str, directory: Path, models: dict, transforms: dict, x, y, k, cfg) -> list[dict]:
+    """One row per task plus the tasks-mean row (latency and size from the first task)."""
+    rows = [_row(artifact, directory, task, _measure(models[task], apply_transform(t, x), y, k,
+                                                       directory / WEIGHTS, cfg))
+            for task, t in transforms.items()]
+    mean = {c: sum(r[c] for r in rows) / len(rows) for c in ("accuracy", "loss", "ece")}
+    rows.append({**rows[0], **mean, "evaluated_on": "tasks-mean"})
+    return rows
+
+
+def run(params, ws, fanout=None) -> dict:
+    cfg = params.evaluate
+    ds = load_dataset(ws.artifact("ingest"))
+    x, y = ds.part("test")
+    k = ds.num_classes
+    rows = []
+    for artifact, directory in [("train", ws.artifact("train")), ("prune", ws.artifact("prune")),
+                                *[(f"quantize/{p.name}", p) for p in sorted(ws.artifact("quantize").iterdir())]]:
+        rows.append(_row(artifact, directory, "test", _measure(load_any(directory), x, y, k, directory / WEIGHTS, cfg)))
+    merged_dir = ws.artifact("merge")
+    transforms = read_meta(merged_dir)["transforms"]
+    finetuned = {p.name: load_any(p) for p in sorted(ws.artifact("finetune").iterdir())}
+    for task, t in transforms.items():
+        d = ws.artifact("finetune", task)
+        rows.append(_row(f"finetune/{task}", d, task, _measure(finetuned[task], apply_transform(t, x), y, k,
+                                                                d / WEIGHTS, cfg)))
+    base = load_any(ws.artifact("train"))
+    rows += _on_tasks("train", ws.artifact("train"), {t: base for t in transforms}, transforms, x, y, k, cfg)
+    rows += _on_tasks("merge", merged_dir, load_multihead(merged_dir), transforms, x, y, k, cfg)
+    summary = validate_summary(pd.DataFrame(rows))
+    with atomic_dir(ws.root / "reports") as d:
+        render_report(summary, d)
+    write_summary(summary, ws.root / "metrics" / "summary.csv")
+    return _headline(summary)
+
+
+def _headline(df: pd.DataFrame) -> dict:
+    """The numbers people look at first, keyed for `dvc metrics show`."""
+    acc = {f"{r.artifact}@{r.evaluated_on}": round(float(r.accuracy), 6) for r in df.itertuples()}
+    size = {r.artifact: int(r.size_bytes) for r in df[df.evaluated_on.isin(["test", "tasks-mean"])].itertuples()}
+    return {"accuracy": acc, "size_bytes": size}

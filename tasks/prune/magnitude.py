@@ -1,0 +1,62 @@
+"""Magnitude pruning, global or per layer, followed by a short masked fine-tune.
+
+Han et al., "Learning both Weights and Connections for Efficient Neural Networks"
+(NeurIPS 2015): keep the largest (1 - s) share of |w| among the prunable weights (the
+weights of Linear and Conv layers; biases and norms are never pruned). Ties are broken by
+index so the sparsity is exactly s.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from slimforge.training import FitConfig
+
+
+class MagnitudeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["magnitude"] = "magnitude"
+    sparsity: float = Field(default=0.8, ge=0, lt=1, description="share of prunable weights set to zero")
+    scope: Literal["global", "layer"] = "global"
+    recovery: FitConfig = Field(default_factory=lambda: FitConfig(lr=5e-4, epochs=2),
+                                description="masked fine-tune after pruning")
+    seed: int = 0
+
+
+def prunable(model: nn.Module) -> dict[str, Tensor]:
+    """name -> weight of every Linear / Conv2d layer (the tensors pruning may zero)."""
+    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def _keep_top(scores: Tensor, keep: int) -> Tensor:
+    """Boolean mask of the ``keep`` largest entries of a flat tensor, ties by lower index."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
+    """name -> boolean keep-mask with exactly round((1-s)·n) kept in the scope."""
+    if scope == "layer":
+        return {n: _keep_top(w.detach().abs().flatten(), round((1 - sparsity) * w.numel())).view_as(w)
+                for n, w in weights.items()}
+    flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+    keep = _keep_top(flat, round((1 - sparsity) * len(flat)))
+    masks, start = {}, 0
+    for n, w in weights.items():
+        masks[n] = keep[start : start + w.numel()].view_as(w)
+        start += w.numel()
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)

@@ -1,0 +1,29 @@
+"""quantize: the variants to produce (each a method config) and the kernel to run them with."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kernels import Kernel
+from tasks.quantize.rtn import RtnConfig
+
+
+class QuantizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    variants: list[RtnConfig] = Field(
+        default_factory=lambda: [RtnConfig(name="int8", bits=8, granularity="channel"),
+                                 RtnConfig(name="int4", bits=4, granularity="group", group_size=32)],
+        min_length=1,
+        description="one quantized artifact per entry, written to artifacts/quantize/<name>",
+    )
+    kernel: Kernel = "auto"
+    seed: int = 0
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[RtnConfig]) -> list[RtnConfig]:
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        return variants
