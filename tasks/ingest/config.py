@@ -27,8 +27,8 @@ class IngestConfig(BaseModel):
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000; default: "
                           "env AWS_ENDPOINT_URL, else AWS itself")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of each class held out for validation")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class held out for test")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of each class for validation")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class for test")
     seed: int = Field(0, description="seeds the subset and the split")
     max_examples: int | None = Field(
         None, ge=1, description="keep a seeded stratified subset of this many examples first")

@@ -108,6 +108,9 @@ def read_s3(uri: str, endpoint_url: str | None) -> bytes:
 
 
 def parse_npz(raw: bytes, source: str) -> Arrays:
+    if not raw.startswith(b"PK"):  # np.load would try to unpickle anything else
+        raise ArtifactError(f"{source}: not a readable .npz file (no zip header); "
+                            f"expected an archive written by numpy.savez")
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             names = set(npz.files)
@@ -120,7 +123,7 @@ def parse_npz(raw: bytes, source: str) -> Arrays:
     except ArtifactError:
         raise
     except ValueError as e:
-        if "allow_pickle" in str(e):
+        if "Object arrays" in str(e):
             raise ArtifactError(f"{source}: .npz holds an object array (ragged rows or mixed "
                                 f"types?); expected numeric arrays x and y") from None
         raise ArtifactError(f"{source}: not a readable .npz file ({e})") from None
@@ -164,7 +167,11 @@ def parse_parquet(raw: bytes, source: str) -> Arrays:
         raise ArtifactError(f"{source}: only a 'label' column; expected a 'pixels' list "
                             f"column or numeric feature columns")
     meta = table.schema.metadata or {}
-    shape = json.loads(meta[b"shape"]) if b"shape" in meta else None
+    try:
+        shape = json.loads(meta[b"shape"]) if b"shape" in meta else None
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{source}: schema metadata 'shape' is {meta[b'shape']!r}; "
+                            f"expected a JSON list such as [1, 28, 28]") from None
     return _reshape(x, shape, source), y
 
 
@@ -184,7 +191,8 @@ def _pixels(col, source: str) -> np.ndarray:
 
     col = col.combine_chunks()
     if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type):
-        raise ArtifactError(f"{source}: column 'pixels' has type {col.type}; expected a list column")
+        raise ArtifactError(f"{source}: column 'pixels' has type {col.type}; "
+                            f"expected a list column")
     if col.null_count:
         first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise ArtifactError(f"{source}: 'pixels' is null in {col.null_count} rows (first row "

@@ -25,7 +25,8 @@ MANIFEST = "manifest.csv"
 
 
 def run(params, ws: Workspace) -> dict:
-    """Ingest ``params.ingest`` into ws.artifact("ingest"); return metrics for metrics/ingest.json."""
+    """Ingest ``params.ingest`` into ws.artifact("ingest"); return metrics (examples per
+    split, num_classes, input_shape) for the caller to write to metrics/ingest.json."""
     cfg: IngestConfig = params.ingest
     root = Path(ws.root).resolve()
     local = _local_path(cfg, root)
@@ -72,5 +73,5 @@ def describe_source(cfg: IngestConfig, local: Path | None, root: Path) -> str:
 
 def _metrics(split: np.ndarray, num_classes: int, input_shape: tuple[int, ...]) -> dict:
     counts = {f"examples_{name}": int((split == code).sum()) for name, code in SPLITS.items()}
-    return {**counts, "examples_total": int(len(split)), "num_classes": num_classes,
+    return {**counts, "examples_total": len(split), "num_classes": num_classes,
             "input_shape": list(input_shape)}

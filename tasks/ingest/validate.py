@@ -39,7 +39,8 @@ def _check_x(x: np.ndarray, source: str) -> None:
     if x[:1].size == 0:
         raise ValueError(f"{source}: x has shape {list(x.shape)}, no values per example; "
                          f"expected at least one feature")
-    bad = ~np.isfinite(x.astype(np.float32, copy=False))  # float64 beyond ~3.4e38 overflows
+    with np.errstate(over="ignore"):  # float64 beyond ~3.4e38 becomes inf: reported below
+        bad = ~np.isfinite(x.astype(np.float32, copy=False))
     if bad.any():
         first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
         raise ValueError(f"{source}: x has {int(bad.sum())} NaN/Inf values as float32, first "
@@ -53,7 +54,8 @@ def _ragged_hint(x: np.ndarray) -> str:
     shapes = [np.shape(row) for row in x]
     for i, s in enumerate(shapes):
         if s != shapes[0]:
-            return f" with ragged rows (example {i} has shape {list(s)}, example 0 has {list(shapes[0])})"
+            return (f" with ragged rows (example {i} has shape {list(s)}, "
+                    f"example 0 has {list(shapes[0])})")
     return ""
 
 
@@ -69,7 +71,7 @@ def _check_y(y: np.ndarray, source: str) -> np.ndarray:
         frac = y != np.round(y)
         if frac.any():
             i = int(np.flatnonzero(frac)[0])
-            raise ValueError(f"{source}: label {y[i]!r} at index {i} is not an integer; "
+            raise ValueError(f"{source}: label {y[i]:g} at index {i} is not an integer; "
                              f"expected integers 0..K-1")
     elif y.dtype.kind not in "iu":
         raise ValueError(f"{source}: labels have dtype {y.dtype}; expected integers 0..K-1")
@@ -104,28 +106,37 @@ def _class_counts(y: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
 def subset_indices(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded stratified subset of n examples (all if n >= len(y)).
 
-    Each class keeps min(its size, 3) examples, the rest is shared in proportion to class
-    size (largest remainder), so class balance survives and every split can hold a class.
+    Classes keep their share of n (largest remainder), but at least min(size, 3) each, so
+    every split can still hold every class.
     """
     if n >= len(y):
         return np.arange(len(y))
     _, members = _class_counts(y)
-    counts = np.array([len(m) for m in members])
+    take = _stratified_counts(np.array([len(m) for m in members]), n)
+    rng = np.random.default_rng([seed, SUBSET_STREAM])
+    keep = [rng.choice(m, size=int(k), replace=False) for m, k in zip(members, take, strict=True)]
+    return np.sort(np.concatenate(keep))
+
+
+def _stratified_counts(counts: np.ndarray, n: int) -> np.ndarray:
+    """(K,) examples to keep per class, summing to n, each in [min(count, 3), count]."""
     floor = np.minimum(counts, MIN_PER_CLASS)
     if n < floor.sum():
         raise ValueError(f"ingest.max_examples={n} is too small: keeping {MIN_PER_CLASS} examples "
                          f"of each of {len(counts)} classes needs at least {int(floor.sum())}")
-    spare = counts - floor
-    share = (n - floor.sum()) * spare / spare.sum()  # (K,) fractional extra per class
-    extra = np.floor(share).astype(np.int64)
-    leftover = int(n - floor.sum() - extra.sum())
-    extra[np.argsort(-(share - extra), kind="stable")[:leftover]] += 1
-    rng = np.random.default_rng([seed, SUBSET_STREAM])
-    keep = [rng.choice(m, size=int(k), replace=False) for m, k in zip(members, floor + extra)]
-    return np.sort(np.concatenate(keep))
+    share = n * counts / counts.sum()  # (K,) exact proportional share
+    take = np.maximum(np.floor(share).astype(np.int64), floor)
+    while take.sum() > n:  # the floor pushed us over: trim the most over-served class
+        room = np.where(take > floor, take - share, -np.inf)
+        take[np.argmax(room)] -= 1
+    while take.sum() < n:  # largest remainder: top up the most under-served class
+        room = np.where(take < counts, share - take, -np.inf)
+        take[np.argmax(room)] += 1
+    return take
 
 
-def split_dataset(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def split_dataset(y: np.ndarray, val_fraction: float, test_fraction: float,
+                  seed: int) -> np.ndarray:
     """Split codes (N,) uint8: 0 train, 1 val, 2 test, stratified per class.
 
     Per class of n examples, round(n * fraction) go to val and to test; a class with at
