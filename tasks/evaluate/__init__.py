@@ -12,7 +12,14 @@ from tasks.evaluate.harness import (
     sparsity,
 )
 from tasks.evaluate.report import pareto_frontier, render_report, sort_by_stage
-from tasks.evaluate.schema import STAGES, SUMMARY_SCHEMA, SummaryError, read_summary, validate_summary, write_summary
+from tasks.evaluate.schema import (
+    STAGES,
+    SUMMARY_SCHEMA,
+    SummaryError,
+    read_summary,
+    validate_summary,
+    write_summary,
+)
 
 __all__ = [
     "STAGES",

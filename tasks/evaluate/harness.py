@@ -70,8 +70,7 @@ def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int
         raise ValueError("expected_calibration_error: no predictions")
     # Bin b covers (b/n_bins, (b+1)/n_bins]; a confidence of exactly 0 joins the first bin.
     idx = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.bincount(idx, minlength=n_bins).double()  # (n_bins,)
-    sum_conf = torch.bincount(idx, weights=conf, minlength=n_bins)
+    sum_conf = torch.bincount(idx, weights=conf, minlength=n_bins)  # (n_bins,)
     sum_hit = torch.bincount(idx, weights=hit, minlength=n_bins)
     # |B|/n · |acc_b − conf_b| = |Σ hit − Σ conf| / n, which is 0 for empty bins.
     return float((sum_hit - sum_conf).abs().sum() / n)

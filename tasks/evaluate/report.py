@@ -60,12 +60,13 @@ def _plot(summary: pd.DataFrame, title: str) -> bytes:
         ax.step(front["size_bytes"] / 1024, front["accuracy"], where="post", linestyle=line,
                 color="0.4", label=f"Pareto frontier ({group})", zorder=2)
     ax.set_xscale("log")
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
     ax.set_xlabel("size on disk (KB, log scale)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if ax.has_data():
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     buf = io.BytesIO()
     # No Software/date metadata, so the same summary gives the same bytes.
     fig.savefig(buf, format="png", metadata={"Software": None})
