@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -19,6 +19,7 @@ from slimforge.artifacts import write_json_atomic
 from slimforge.config import dump_params, load_params
 from slimforge.stages import run_stage
 from slimforge.workspace import Workspace
+from tasks.evaluate.schema import read_summary
 
 
 @task(cache_policy=NO_CACHE)
@@ -28,7 +29,7 @@ def _fanout_item(fn, item):
 
 def prefect_fanout(fn, items: list) -> list:
     """Fan ``fn`` out over ``items`` through Prefect's task runner."""
-    return [f.result() for f in _fanout_item.map(fn, items)]
+    return [f.result() for f in _fanout_item.map(unmapped(fn), items)]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
@@ -73,10 +74,9 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
 
 
 def publish_summary(ws: Workspace) -> None:
+    """The evaluate stage's metrics table, as a Prefect table artifact."""
     summary = ws.root / "metrics" / "summary.csv"
     if summary.exists():
-        import pandas as pd
-
-        table = pd.read_csv(summary).round(4).to_dict(orient="records")
+        table = read_summary(summary).round(4).to_dict(orient="records")
         create_table_artifact(key="slimforge-summary", table=table,
                               description="slimforge: every artifact measured on one harness")

@@ -1,0 +1,76 @@
+"""slimforge kernels: torch reference ops, Triton GPU kernels, and the one dispatch.
+
+Every op has a torch reference (``torch_*``, the spec) and, where it pays, a Triton
+kernel (``triton_*``) with the same signature. Callers pick with an explicit
+``kernel: auto | torch | triton`` argument, resolved here by ``resolve_kernel`` and
+nowhere else:
+
+- ``"torch"`` always runs the reference.
+- ``"triton"`` runs the Triton kernel; on a CPU tensor that is only possible through
+  Triton's interpreter, so it requires ``TRITON_INTERPRET=1`` (set before Triton is first
+  imported) and raises a ValueError otherwise.
+- ``"auto"`` picks Triton only for CUDA tensors when Triton is installed, else torch.
+
+Triton is imported lazily, inside ``kernels.triton_int4``, the first time the Triton path
+runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
+``_weight_*pack_mm`` kernels) live in ``kernels.cpu`` and are called directly by the
+quantize stage's packed modules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from kernels.int4 import pack_int4, torch_w4a16_matmul, unpack_int4
+
+Kernel = Literal["auto", "torch", "triton"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
+
+__all__ = ["KERNELS", "Kernel", "pack_int4", "resolve_kernel", "triton_available", "unpack_int4", "w4a16_matmul"]
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_kernel(kernel: Kernel, device: torch.device | str) -> Literal["torch", "triton"]:
+    """Turn a ``kernel`` setting into the implementation that will run on ``device``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
+    device = torch.device(device)
+    if kernel == "torch":
+        return "torch"
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise ValueError("kernel: 'triton' was requested but triton is not installed "
+                         "(pip install 'slimforge[triton]'), or use kernel: torch")
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(f"kernel: 'triton' needs a CUDA tensor; got device {device.type!r}. "
+                         "Set TRITON_INTERPRET=1 to run it through Triton's CPU interpreter, "
+                         "or use kernel: torch")
+    return "triton"
+
+
+def w4a16_matmul(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 kernel: Kernel = "auto") -> Tensor:
+    """``x @ (scales * (q - zeros))ᵀ`` for uint4 codes ``q`` packed by ``pack_int4``.
+
+    x (M, K) float; packed (N, K//2) uint8; scales, zeros (N, ceil(K/g)); returns (M, N) in
+    x's dtype. See ``kernels.int4`` for the layout.
+    """
+    if resolve_kernel(kernel, x.device) == "triton":
+        from kernels.triton_int4 import triton_w4a16_matmul  # lazy: imports triton
+
+        return triton_w4a16_matmul(x, packed, scales, zeros, group_size)
+    return torch_w4a16_matmul(x, packed, scales, zeros, group_size)

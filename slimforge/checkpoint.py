@@ -93,5 +93,5 @@ def load_any(directory: Path):
     if meta.get("format") == "packed":
         from tasks.quantize import load_packed_artifact  # the quantize stage owns the packed layout
 
-        return load_packed_artifact(Path(directory), build_from_spec(meta["model"]))
+        return load_packed_artifact(Path(directory), build_from_spec(meta["model"]), meta.get("kernel", "auto"))
     return load_model(directory)

@@ -24,7 +24,7 @@ from tasks.ingest.validate import split_dataset, subset_indices, validate_arrays
 MANIFEST = "manifest.csv"
 
 
-def run(params, ws: Workspace) -> dict:
+def run(params, ws: Workspace, fanout=None) -> dict:
     """Ingest ``params.ingest`` into ws.artifact("ingest"); return metrics (examples per
     split, num_classes, input_shape) for the caller to write to metrics/ingest.json."""
     cfg: IngestConfig = params.ingest

@@ -1,0 +1,100 @@
+"""Thin wrappers over torch's packed low-bit CPU kernels (weight-only int8 and int4).
+
+These are the real low-bit GEMMs on CPU (oneDNN/AVX-512 code in ATen), so a quantized
+model is timed with the kernel it would really run (DESIGN.md rule 7). Their references
+are dequantize-then-matmul (``kernels.int4.torch_w4a16_matmul`` for int4).
+
+Conventions of torch 2.13, found by reading ``torch/_meta_registrations.py`` and the
+inductor passes that call these ops, and checked numerically in ``tests/kernels/test_cpu.py``:
+
+``torch._weight_int8pack_mm(x (M, K), w int8 (N, K), scales (N,)) -> (M, N)``
+  computes ``x @ (w * scales[:, None])ᵀ``. ``scales`` must have x's dtype. With bfloat16
+  activations (the fast path; fp32 activations are ~10x slower than dense fp32) the op
+  *crashes the process or returns garbage when K % 8 != 0*, so such layers run the same
+  op with fp32 activations instead.
+
+``torch._convert_weight_to_int4pack_for_cpu(q int32 (N, K), innerKTiles) -> uint8 (N, K//2)``
+  takes *unpacked* codes in [0, 15] (int32, not our nibble bytes) and returns an opaque
+  blocked layout; ``innerKTiles`` is ignored on CPU (we pass 1). Requires N % 16 == 0.
+
+``torch._weight_int4pack_mm_for_cpu(x (M, K), w_packed, group_size, scales_and_zeros)``
+  ``scales_and_zeros`` is (K // g, N, 2), in x's dtype, ``[..., 0]`` the scale and
+  ``[..., 1]`` a "bias-style" float zero: the op computes ``w = (q - 8) * scale + zero``
+  (tinygemm convention). Our ``s * (q - z)`` therefore maps to ``zero = s * (8 - z)``.
+  Requires group_size in {32, 64, 128, 256} and K % group_size == 0. bfloat16
+  activations are the fast path (fp32 is ~30x slower).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INT4_CPU_GROUP_SIZES = (32, 64, 128, 256)
+_FAST = torch.bfloat16
+
+
+def int8_bf16_ok(k: int) -> bool:
+    """Whether the bf16 path of ``_weight_int8pack_mm`` is safe for in_features ``k``."""
+    return k % 8 == 0
+
+
+def int8_weight_matmul(x: Tensor, w_int8: Tensor, scales: Tensor) -> Tensor:
+    """``x @ (w_int8 * scales[:, None])ᵀ`` on torch's packed int8 CPU kernel.
+
+    x (M, K) float; w_int8 (N, K) int8; scales (N,) float. Activations are cast to
+    bfloat16 around the op (fp32 activations make it slower than dense fp32), except when
+    K % 8 != 0, where the bf16 kernel is unsafe. Returns (M, N) in x's dtype.
+    """
+    if x.dim() != 2 or w_int8.dim() != 2 or x.shape[1] != w_int8.shape[1]:
+        raise ValueError(f"int8_weight_matmul: x (M, K) and w (N, K) expected, got {tuple(x.shape)}, {tuple(w_int8.shape)}")
+    if w_int8.dtype != torch.int8 or scales.shape != (w_int8.shape[0],):
+        raise ValueError(f"int8_weight_matmul: w must be int8 (N, K) and scales (N,), got {w_int8.dtype}, {tuple(scales.shape)}")
+    dtype = _FAST if int8_bf16_ok(x.shape[1]) else torch.float32
+    y = torch._weight_int8pack_mm(x.to(dtype).contiguous(), w_int8.contiguous(), scales.to(dtype))  # (M, N)
+    return y.to(x.dtype)
+
+
+def supports_int4_cpu(n: int, k: int, group_size: int) -> bool:
+    """Whether torch's int4pack CPU kernel accepts an (N, K) weight with this group size."""
+    return n > 0 and n % 16 == 0 and group_size in INT4_CPU_GROUP_SIZES and k % group_size == 0
+
+
+def prepare_int4_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Convert uint4 codes (N, K) in [0, 15] with scales/zeros (N, K//g) for the int4 CPU op.
+
+    Done once at load time. Returns (packed uint8 in torch's blocked CPU layout,
+    scales_and_zeros (K//g, N, 2) bfloat16 with bias-style zeros ``s * (8 - z)``).
+    """
+    n, k = codes.shape
+    if not supports_int4_cpu(n, k, group_size):
+        raise ValueError(f"prepare_int4_cpu: weight ({n}, {k}) with group_size {group_size} does not fit torch's "
+                         f"int4 CPU kernel (needs N % 16 == 0, group_size in {INT4_CPU_GROUP_SIZES}, K % group_size == 0)")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("prepare_int4_cpu: codes must lie in [0, 15]")
+    codes, z = _recenter(codes.to(torch.int32), zeros.float(), group_size)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)  # (N, K/2) uint8
+    s = scales.float()  # (N, K/g)
+    scales_and_zeros = torch.stack((s, s * (8.0 - z)), dim=-1).transpose(0, 1)  # (K/g, N, 2)
+    return packed, scales_and_zeros.contiguous().to(_FAST)
+
+
+def _recenter(codes: Tensor, zeros: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Shift each group's codes and zero together so the zero sits as close to 8 as fits.
+
+    s * (q - z) is unchanged, but the op's bf16 terms (q - 8) * s and s * (8 - z) shrink
+    to the size of the weight itself, so 2/3-bit codes in [0, 3] or [0, 7] do not lose
+    precision to the cancellation of two large bf16 numbers.
+    """
+    n, k = codes.shape
+    grouped = codes.reshape(n, k // group_size, group_size)  # (N, K/g, g)
+    low, high = -grouped.amin(dim=2), 15 - grouped.amax(dim=2)  # (N, K/g) room to shift
+    shift = torch.minimum(torch.maximum(8 - zeros.round().to(torch.int32), low), high)  # (N, K/g)
+    return (grouped + shift[..., None]).reshape(n, k), zeros + shift
+
+
+def int4_weight_matmul(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """x (M, K) float @ the int4 weight prepared by ``prepare_int4_cpu`` -> (M, N) in x's dtype."""
+    y = torch._weight_int4pack_mm_for_cpu(x.to(scales_and_zeros.dtype).contiguous(), packed,
+                                          group_size, scales_and_zeros)  # (M, N)
+    return y.to(x.dtype)

@@ -1,0 +1,290 @@
+"""Packed storage and real low-bit execution of weight-only quantized models (RTN and kin).
+
+Storage (``quantize_model``): every nn.Linear and nn.Conv2d weight, viewed as (N, K) =
+(out, in·kh·kw), whose K fits the granularity (group_size divides K; for 4-bit also K
+even) is replaced in the safetensors state by
+
+- ``<name>.qweight``: 8-bit: the codes, int8 if symmetric, uint8 if asymmetric.
+  4-bit: unsigned codes packed two per byte along K by ``kernels.int4.pack_int4``
+  (uint8 (N, K/2)). 2/3-bit: one unsigned code per uint8 byte (N, K) for now.
+  Below 8 bits, symmetric codes q ∈ [−2^(b−1), 2^(b−1)−1] are stored as q + 2^(b−1).
+- ``<name>.scales``: float16 (N, K/g); per-channel and per-tensor use g = K.
+- ``<name>.zeros``: uint8 (N, K/g) integer zero-points, only when asymmetric.
+
+Everything else (biases, norms, layers that do not fit) stays float32 under its own name.
+
+Execution (``load_quantized``): each quantized plain nn.Linear becomes a ``PackedLinear``
+that runs a real low-bit op, chosen once at load time:
+
+- CPU, 8-bit per-channel/tensor: ``Int8Linear`` -> ``kernels.cpu.int8_weight_matmul``.
+- CPU, 2/3/4-bit (codes all fit a nibble), ``kernel="auto"``: ``Int4CpuLinear`` ->
+  torch's int4pack CPU op, weights converted once here, when ``supports_int4_cpu``.
+- CUDA, or an explicit ``kernel="torch"|"triton"``, 2/3/4-bit: ``W4A16Linear`` ->
+  ``kernels.w4a16_matmul``.
+- Anything else (8-bit groups, shapes the kernels reject, conv layers, Linear layers that
+  other modules read ``.weight`` from such as MultiheadAttention's out_proj) is
+  dequantized once at load into the original module's dense weight.
+
+Run a loaded model under ``torch.no_grad()``: the packed modules hold buffers, not
+trainable parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+import kernels
+from kernels.cpu import int4_weight_matmul, int8_weight_matmul, prepare_int4_cpu, supports_int4_cpu
+from kernels.int4 import pack_int4, unpack_int4
+from slimforge.artifacts import WEIGHTS, ArtifactError, load_tensors, save_tensors
+from tasks.quantize.rtn import QuantizedWeight, RtnConfig, dequantize, quantize_weight
+
+FORMAT = "slimforge.packed/1"
+_SUFFIXES = ("qweight", "scales", "zeros")
+
+
+def _fits(k: int, cfg: RtnConfig) -> bool:
+    group_ok = cfg.granularity != "group" or k % cfg.group_size == 0
+    return group_ok and (cfg.bits != 4 or k % 2 == 0)
+
+
+def _store_codes(qw: QuantizedWeight) -> Tensor:
+    if qw.bits == 8:
+        return qw.codes  # int8 (symmetric) or uint8 (asymmetric), (N, K)
+    unsigned = qw.codes if not qw.symmetric else (qw.codes.to(torch.int16) + 2 ** (qw.bits - 1)).to(torch.uint8)
+    return pack_int4(unsigned) if qw.bits == 4 else unsigned  # (N, K/2) or (N, K)
+
+
+def quantize_model(model: nn.Module, cfg: RtnConfig) -> dict[str, Tensor]:
+    """Quantize every fitting Linear/Conv2d weight with RTN; return a safetensors-ready state."""
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        w = module.weight.detach().cpu().reshape(module.weight.shape[0], -1)  # (N, K), conv (out, in*kh*kw)
+        if not _fits(w.shape[1], cfg):
+            continue
+        qw = quantize_weight(w, cfg)
+        del state[f"{name}.weight"]
+        state[f"{name}.qweight"] = _store_codes(qw).contiguous()
+        state[f"{name}.scales"] = qw.scales.to(torch.float16).contiguous()  # (N, K/g)
+        if qw.zeros is not None:
+            state[f"{name}.zeros"] = qw.zeros.to(torch.uint8).contiguous()  # (N, K/g)
+    return state
+
+
+def packed_layout(cfg: RtnConfig, tensors: dict[str, Tensor]) -> dict[str, str]:
+    """safetensors metadata describing how ``tensors`` (from ``quantize_model``) are packed."""
+    packed = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    storage = {8: "int8 if symmetric else uint8, one code per byte",
+               4: "uint4 nibbles, low nibble = even in-feature (kernels.int4.pack_int4)"}
+    return {
+        "format": FORMAT,
+        "method": cfg.method,
+        "bits": str(cfg.bits),
+        "granularity": cfg.granularity,
+        "group_size": str(cfg.group_size),
+        "symmetric": str(cfg.symmetric).lower(),
+        "code_storage": storage.get(cfg.bits, "one unsigned code per uint8 byte"),
+        "code_offset": str(2 ** (cfg.bits - 1) if cfg.symmetric and cfg.bits < 8 else 0),
+        "packed": json.dumps(packed),
+    }
+
+
+def _read_layout(metadata: dict[str, str] | None) -> tuple[int, bool, list[str]]:
+    if not metadata or metadata.get("format") != FORMAT:
+        raise ArtifactError(f"quantized weights: metadata format is not {FORMAT!r}; was the file made by quantize?")
+    try:
+        bits, symmetric = int(metadata["bits"]), metadata["symmetric"] == "true"
+        names = json.loads(metadata["packed"])
+    except (KeyError, ValueError) as e:
+        raise ArtifactError(f"quantized weights: unreadable packed-layout metadata ({e})") from None
+    if bits not in (2, 3, 4, 8):
+        raise ArtifactError(f"quantized weights: bits {bits} is not one of 2, 3, 4, 8")
+    return bits, symmetric, names
+
+
+def _read_quantized(tensors: dict[str, Tensor], name: str, bits: int, symmetric: bool,
+                    n: int, k: int) -> QuantizedWeight:
+    """Rebuild the QuantizedWeight of layer ``name`` (weight (N, K)) from stored tensors."""
+    try:
+        stored, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"].float()
+        zeros = None if symmetric else tensors[f"{name}.zeros"].float()
+    except KeyError as e:
+        raise ArtifactError(f"quantized weights: {e.args[0]} is missing") from None
+    want = torch.int8 if bits == 8 and symmetric else torch.uint8
+    if stored.dtype != want:
+        raise ArtifactError(f"quantized weights: {name}.qweight is {stored.dtype}, expected {want}")
+    codes = unpack_int4(stored) if bits == 4 else stored  # (N, K)
+    if tuple(codes.shape) != (n, k) or scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1]:
+        raise ArtifactError(f"quantized weights: {name} holds codes {tuple(codes.shape)} / scales "
+                            f"{tuple(scales.shape)}, which do not fit the model's weight ({n}, {k})")
+    if symmetric and bits < 8:
+        codes = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits,
+                           group_size=k // scales.shape[1], shape=(n, k))
+
+
+def _unsigned(qw: QuantizedWeight) -> tuple[Tensor, Tensor]:
+    """Codes in [0, 2^b − 1] (N, K) and float zero-points (N, K/g) for the nibble kernels."""
+    if not qw.symmetric:
+        return qw.codes.to(torch.uint8), qw.zeros.float()
+    offset = 2 ** (qw.bits - 1)
+    return (qw.codes.to(torch.int16) + offset).to(torch.uint8), torch.full_like(qw.scales, float(offset))
+
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight lives in a packed low-bit form; subclasses run the real op."""
+
+    def __init__(self, qw: QuantizedWeight, bias: Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _matmul(self, x: Tensor) -> Tensor:  # (M, K) -> (M, N)
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class Int8Linear(PackedLinear):
+    """Per-channel int8 weights on torch's ``_weight_int8pack_mm`` (CPU).
+
+    Asymmetric codes u ∈ [0, 255] run as int8 u − 128 with zero z − 128; the zero term
+    ``Σ_k x_k · s_n (z_n − 128)`` is added in fp32.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: Tensor | None, device: torch.device):
+        super().__init__(qw, bias)
+        scales = qw.scales[:, 0].float()  # (N,)
+        codes = qw.codes if qw.symmetric else (qw.codes.to(torch.int16) - 128).to(torch.int8)
+        zero_term = None if qw.symmetric else scales * (qw.zeros[:, 0].float() - 128)  # (N,)
+        self.register_buffer("weight_int8", codes.contiguous().to(device))  # (N, K) int8
+        self.register_buffer("scales", scales.to(device))
+        self.register_buffer("zero_term", None if zero_term is None else zero_term.to(device))
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        y = int8_weight_matmul(x, self.weight_int8, self.scales)  # (M, N)
+        if self.zero_term is not None:
+            y = (y.float() - x.float().sum(dim=1, keepdim=True) * self.zero_term).to(x.dtype)
+        return y
+
+
+class Int4CpuLinear(PackedLinear):
+    """2/3/4-bit group-wise weights on torch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: Tensor | None, device: torch.device):
+        super().__init__(qw, bias)
+        codes, zeros = _unsigned(qw)
+        packed, scales_and_zeros = prepare_int4_cpu(codes, qw.scales, zeros, qw.group_size)  # converted once
+        self.register_buffer("weight_int4pack", packed.to(device))  # (N, K/2) uint8, torch's blocked layout
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device))  # (K/g, N, 2) bf16
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return int4_weight_matmul(x, self.weight_int4pack, self.scales_and_zeros, self.group_size)
+
+
+class W4A16Linear(PackedLinear):
+    """2/3/4-bit group-wise weights in our nibble layout on ``kernels.w4a16_matmul`` (GPU path)."""
+
+    def __init__(self, qw: QuantizedWeight, bias: Tensor | None, device: torch.device, kernel: kernels.Kernel):
+        super().__init__(qw, bias)
+        codes, zeros = _unsigned(qw)
+        self.kernel = kernel
+        self.register_buffer("qweight", pack_int4(codes).to(device))  # (N, K/2) uint8
+        self.register_buffer("scales", qw.scales.to(torch.float16).to(device))  # (N, K/g)
+        self.register_buffer("zeros", zeros.to(torch.float16).to(device))  # (N, K/g)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return kernels.w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size, kernel=self.kernel)
+
+
+def _execution_module(qw: QuantizedWeight, bias: Tensor | None, device: torch.device,
+                      kernel: kernels.Kernel) -> PackedLinear | None:
+    """The packed module that will run this weight, or None to dequantize to dense."""
+    n, k = qw.shape
+    if qw.bits == 8:
+        return Int8Linear(qw, bias, device) if device.type == "cpu" and qw.group_size == k else None
+    if device.type == "cpu" and kernel == "auto":
+        return Int4CpuLinear(qw, bias, device) if supports_int4_cpu(n, k, qw.group_size) else None
+    if k % 2 or qw.group_size % 2:
+        return None
+    return W4A16Linear(qw, bias, device, kernel)
+
+
+def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -> None:
+    quantized = {f"{n}.{s}" for n in names for s in _SUFFIXES}
+    rest = {k: v for k, v in tensors.items() if k not in quantized}
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ArtifactError(f"quantized weights do not match the model: {e}") from None
+    if unexpected or set(missing) != {f"{n}.weight" for n in names}:
+        extra = sorted(set(missing) - {f"{n}.weight" for n in names})
+        raise ArtifactError(f"quantized weights do not match the model: missing {extra[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}")
+
+
+def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
+                   kernel: kernels.Kernel = "auto") -> nn.Module:
+    """Load ``quantize_model`` output into ``model`` (same architecture), in place.
+
+    Every tensor is checked before the model is touched, so a bad file raises an
+    ArtifactError and leaves ``model`` unchanged.
+
+    ``kernel`` picks the W4A16 implementation (``kernels.resolve_kernel``); on CPU,
+    ``"auto"`` uses torch's packed CPU ops instead.
+    """
+    bits, symmetric, names = _read_layout(metadata)
+    params = next(model.parameters(), None)
+    device = params.device if params is not None else torch.device("cpu")
+    kernels.resolve_kernel(kernel, device)  # fail early on a bad setting
+    _load_rest(copy.deepcopy(model), tensors, names)  # validate everything before touching the model
+    layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        layers[name] = _read_quantized(tensors, name, bits, symmetric, module.weight.shape[0], module.weight[0].numel())
+    _load_rest(model, tensors, names)
+    for name, qw in layers.items():
+        module = model.get_submodule(name)
+        packed = _execution_module(qw, module.bias, device, kernel) if type(module) is nn.Linear else None
+        if packed is None:
+            with torch.no_grad():
+                module.weight.copy_(dequantize(qw).reshape(module.weight.shape))
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, packed)
+    return model
+
+
+def save_packed(path, tensors: dict[str, Tensor], cfg: RtnConfig) -> None:
+    """Write ``quantize_model`` output with its layout in the safetensors metadata."""
+    save_tensors(path, tensors, metadata=packed_layout(cfg, tensors))
+
+
+def load_packed_artifact(directory, model: nn.Module, kernel: kernels.Kernel = "auto") -> nn.Module:
+    """A packed quantized artifact directory loaded into ``model`` (same architecture)."""
+    path = Path(directory) / WEIGHTS
+    tensors = load_tensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable safetensors metadata ({e})") from None
+    return load_quantized(model, tensors, metadata, kernel).eval()

@@ -1,0 +1,185 @@
+"""Packed storage and low-bit execution (tasks/quantize/packed.py): round trips through a file."""
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from sklearn.datasets import load_digits
+from torch import nn
+
+from slimforge.artifacts import ArtifactError, load_tensors, save_tensors
+from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model
+from tasks.quantize import packed as packed_mod
+from tasks.quantize.packed import (
+    Int4CpuLinear,
+    Int8Linear,
+    PackedLinear,
+    W4A16Linear,
+    load_quantized,
+    packed_layout,
+    quantize_model,
+)
+from tasks.quantize.rtn import RtnConfig, fake_quantize
+
+
+def seeded(model: nn.Module, seed: int) -> nn.Module:
+    """Re-draw every parameter from an explicit generator (no global RNG)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            bound = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
+            p.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    noise = (ref.double() - out.double()).pow(2).sum().clamp_min(1e-300)
+    return 10 * torch.log10(ref.double().pow(2).sum() / noise).item()
+
+
+def fake_quant_model(model: nn.Module, state: dict, cfg: RtnConfig) -> nn.Module:
+    """The dense fake-quant twin: each weight that was packed replaced by Q(w)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if f"{name}.qweight" in state:
+                w = module.weight.reshape(module.weight.shape[0], -1)
+                module.weight.copy_(fake_quantize(w, cfg).reshape(module.weight.shape))
+    return ref
+
+
+def round_trip(model: nn.Module, cfg: RtnConfig, tmp_path, kernel="auto") -> tuple[nn.Module, dict]:
+    state = quantize_model(model, cfg)
+    path = tmp_path / f"{cfg.name}.safetensors"
+    save_tensors(path, state, metadata=packed_layout(cfg, state))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    loaded = load_quantized(copy.deepcopy(model), load_tensors(path), metadata, kernel=kernel)
+    return loaded, state
+
+
+VARIANTS = [  # config, module running Linear(64 -> 64), module running the head Linear(32 -> 10)
+    (RtnConfig(name="int8", bits=8), Int8Linear, Int8Linear),
+    (RtnConfig(name="int8a", bits=8, symmetric=False), Int8Linear, Int8Linear),
+    (RtnConfig(name="int8t", bits=8, granularity="tensor"), Int8Linear, Int8Linear),
+    (RtnConfig(name="int8g", bits=8, granularity="group", group_size=16), nn.Linear, nn.Linear),
+    (RtnConfig(name="w4g32", bits=4, granularity="group", group_size=32), Int4CpuLinear, nn.Linear),
+    (RtnConfig(name="w4g32a", bits=4, granularity="group", group_size=32, symmetric=False), Int4CpuLinear, nn.Linear),
+    (RtnConfig(name="w3g64", bits=3, granularity="group", group_size=64), Int4CpuLinear, nn.Linear),
+    (RtnConfig(name="w2g32a", bits=2, granularity="group", group_size=32, symmetric=False), Int4CpuLinear, nn.Linear),
+]
+
+
+@pytest.mark.parametrize("cfg,kind,head_kind", VARIANTS, ids=[v[0].name for v in VARIANTS])
+def test_round_trip_matches_fake_quant(cfg, kind, head_kind, tmp_path):
+    model = seeded(build_model(MLPConfig(hidden=[64, 32]), (64,), 10), seed=0).eval()
+    loaded, state = round_trip(model, cfg, tmp_path)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = fake_quant_model(model, state, cfg)(x), loaded(x)
+    db, diff = sqnr_db(ref, out), (ref - out).abs().max().item()
+    assert db >= 35, f"SQNR {db:.1f} dB, max |diff| {diff:.3e}"
+    # int8 groups and int4 with N = 10 fit no packed CPU kernel: dequantized to a dense Linear
+    assert type(loaded.backbone[1]) is kind and type(loaded.head) is head_kind
+    if not cfg.symmetric:
+        assert "backbone.1.zeros" in state
+    else:
+        assert not any(k.endswith(".zeros") for k in state)
+
+
+def test_loaded_model_runs_the_packed_ops(tmp_path, monkeypatch):
+    model = seeded(build_model(MLPConfig(hidden=[64, 32]), (64,), 10), seed=0).eval()
+    int8, _ = round_trip(model, RtnConfig(name="int8", bits=8), tmp_path)
+    int4, _ = round_trip(model, RtnConfig(name="w4", bits=4, granularity="group", group_size=32), tmp_path)
+    for m in (int8.backbone[1], int8.backbone[3], int4.backbone[1], int4.backbone[3]):
+        assert isinstance(m, PackedLinear)
+        assert not list(m.parameters())  # no float weight left behind
+        assert {b.dtype for name, b in m.named_buffers() if name != "bias"} <= {
+            torch.int8, torch.uint8, torch.int32, torch.bfloat16, torch.float32}
+    assert int8.backbone[1].weight_int8.dtype == torch.int8
+    assert int4.backbone[1].weight_int4pack.dtype == torch.uint8
+    assert int4.backbone[1].weight_int4pack.numel() == 64 * 64 // 2  # half a byte per weight
+    calls = []
+    for fn in ("int8_weight_matmul", "int4_weight_matmul"):
+        real = getattr(packed_mod, fn)
+        monkeypatch.setattr(packed_mod, fn, lambda *a, _r=real, _n=fn: calls.append(_n) or _r(*a))
+    with torch.no_grad():
+        int8(torch.randn(2, 64)), int4(torch.randn(2, 64))
+    assert calls == ["int8_weight_matmul"] * 3 + ["int4_weight_matmul"] * 2  # int4 head (N = 10) is dense
+
+
+def test_explicit_w4a16_kernel(tmp_path):
+    cfg = RtnConfig(name="w4", bits=4, granularity="group", group_size=16)
+    model = seeded(build_model(MLPConfig(hidden=[40]), (48,), 10), seed=3).eval()  # head K = 40: not quantized
+    loaded, state = round_trip(model, cfg, tmp_path, kernel="torch")
+    assert isinstance(loaded.backbone[1], W4A16Linear) and type(loaded.head) is nn.Linear
+    assert "head.weight" in state and state["head.weight"].dtype == torch.float32
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = fake_quant_model(model, state, cfg)(x), loaded(x)
+    assert sqnr_db(ref, out) >= 50, f"max |diff| {(ref - out).abs().max().item():.3e}"
+
+
+def test_cnn_and_vit_dequantize_what_is_not_a_plain_linear(tmp_path):
+    cnn = seeded(build_model(CNNConfig(channels=[16, 32], hidden=128), (1, 28, 28), 10), seed=1).eval()
+    vit = seeded(build_model(ViTConfig(patch=4, width=32, depth=1, heads=2, mlp=64), (1, 8, 8), 10), seed=2).eval()
+    for model, shape in ((cnn, (3, 1, 28, 28)), (vit, (3, 1, 8, 8))):
+        cfg = RtnConfig(name="int8", bits=8)
+        loaded, state = round_trip(model, cfg, tmp_path)
+        assert any(k.endswith(".qweight") and "attn" in k for k in state) or model is cnn
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref, out = fake_quant_model(model, state, cfg)(x), loaded(x)
+        assert sqnr_db(ref, out) >= 35, f"max |diff| {(ref - out).abs().max().item():.3e}"
+
+
+def test_int4_cnn_file_is_at_most_a_sixth_of_fp32(tmp_path):
+    model = seeded(build_model(CNNConfig(channels=[16, 32], hidden=128), (1, 28, 28), 10), seed=0)
+    save_tensors(tmp_path / "fp32.safetensors", dict(model.state_dict()))
+    cfg = RtnConfig(name="int4", bits=4, granularity="group", group_size=32)
+    state = quantize_model(model, cfg)
+    save_tensors(tmp_path / "int4.safetensors", state, metadata=packed_layout(cfg, state))
+    ratio = os.path.getsize(tmp_path / "int4.safetensors") / os.path.getsize(tmp_path / "fp32.safetensors")
+    assert ratio <= 1 / 6, f"int4 file is {ratio:.3f} of fp32"
+
+
+def test_int8_per_channel_keeps_digits_accuracy(tmp_path):
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # (1797, 64)
+    y = torch.tensor(digits.target)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=gen)
+    train, test = order[:1400], order[1400:]
+    model = seeded(build_model(MLPConfig(), (64,), 10), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for batch in train[torch.randperm(len(train), generator=gen)].split(32):  # one epoch
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        opt.step()
+    model.eval()
+    loaded, _ = round_trip(model, RtnConfig(name="int8", bits=8), tmp_path)
+    assert isinstance(loaded.backbone[1], Int8Linear)
+    with torch.no_grad():
+        acc = [(m(x[test]).argmax(1) == y[test]).float().mean().item() * 100 for m in (model, loaded)]
+    assert acc[0] > 80, f"fp32 MLP only reached {acc[0]:.1f}%"
+    assert abs(acc[0] - acc[1]) < 1.0, f"fp32 {acc[0]:.2f}% vs int8 {acc[1]:.2f}%"
+
+
+def test_bad_files_raise_artifact_errors(tmp_path):
+    model = seeded(build_model(MLPConfig(hidden=[64]), (64,), 10), seed=0)
+    cfg = RtnConfig(name="int8", bits=8)
+    state = quantize_model(model, cfg)
+    meta = packed_layout(cfg, state)
+    with pytest.raises(ArtifactError, match="format"):
+        load_quantized(copy.deepcopy(model), state, {})
+    other = build_model(MLPConfig(hidden=[32]), (64,), 10)
+    with pytest.raises(ArtifactError):
+        load_quantized(other, state, meta)
+    broken = {k: v for k, v in state.items() if k != "backbone.1.scales"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ArtifactError, match="backbone.1.scales"):
+        load_quantized(model, broken, meta)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # left unchanged
+    assert type(model.backbone[1]) is nn.Linear
