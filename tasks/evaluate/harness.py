@@ -9,12 +9,12 @@ Every function here is pure except ``size_on_disk``, which reads file sizes. Con
 * **Prunable weights** are the ``weight`` of every ``nn.Linear`` / ``nn.Conv*d``, as in the
   prune stage (so a ViT's attention ``in_proj_weight`` is not counted, its ``out_proj`` is).
   Biases, norms, position embeddings and packed quantized layers are not prunable.
-* **Packed quantized layers** are modules that hold a buffer named ``qweight`` (integer codes,
-  possibly two int4 nibbles per byte). ``sparsity`` skips them and counts exact zeros over the
+* **Packed quantized layers** are modules with ``is_packed = True`` and ``in_features`` /
+  ``out_features`` (the quantize stage's ``PackedLinear``: integer codes, possibly two int4
+  nibbles per byte). ``sparsity`` skips them and counts exact zeros over the
   float weights only: a zero code is not a zero weight once zero-points are involved.
   ``count_parameters`` counts such a layer by its *logical* weight size,
-  ``out_features · in_features`` when the module has both attributes, else ``qweight.numel()``,
-  plus a ``bias`` buffer if it keeps one; scales and zero-points are storage overhead and show
+  ``out_features · in_features``, plus a ``bias`` buffer if it keeps one; scales and zero-points are storage overhead and show
   up in ``bits_per_parameter`` via the bytes on disk, not in the parameter count.
 """
 
@@ -103,7 +103,7 @@ def prunable_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
     """(name, tensor) of the float weights that pruning may zero; see the module docstring."""
     out: list[tuple[str, Tensor]] = []
     for name, module in model.named_modules():
-        if "qweight" in dict(module.named_buffers(recurse=False)):
+        if getattr(module, "is_packed", False):
             continue  # packed quantized layer: integer codes, not float weights
         prefix = f"{name}." if name else ""
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and module.weight is not None:
@@ -125,13 +125,12 @@ def count_parameters(model: nn.Module) -> int:
     """Number of logical parameters: every nn.Parameter once, plus packed layers' logical size."""
     n = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        buffers = dict(module.named_buffers(recurse=False))
-        if "qweight" not in buffers:
+        if not getattr(module, "is_packed", False):
             continue
-        d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
-        n += d_in * d_out if isinstance(d_in, int) and isinstance(d_out, int) else buffers["qweight"].numel()
-        if "bias" in buffers and buffers["bias"] is not None:
-            n += buffers["bias"].numel()
+        n += module.in_features * module.out_features
+        bias = dict(module.named_buffers(recurse=False)).get("bias")
+        if bias is not None:
+            n += bias.numel()
     return n
 
 

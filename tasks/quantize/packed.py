@@ -31,6 +31,7 @@ trainable parameters.
 
 from __future__ import annotations
 
+import abc
 import copy
 import json
 from pathlib import Path
@@ -140,8 +141,10 @@ def _unsigned(qw: QuantizedWeight) -> tuple[Tensor, Tensor]:
     return (qw.codes.to(torch.int16) + offset).to(torch.uint8), torch.full_like(qw.scales, float(offset))
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(nn.Module, abc.ABC):
     """A Linear whose weight lives in a packed low-bit form; subclasses run the real op."""
+
+    is_packed = True  # the evaluate harness counts this layer by its logical (out, in) size
 
     def __init__(self, qw: QuantizedWeight, bias: Tensor | None):
         super().__init__()
@@ -149,8 +152,9 @@ class PackedLinear(nn.Module):
         self.bits, self.group_size = qw.bits, qw.group_size
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
+    @abc.abstractmethod
     def _matmul(self, x: Tensor) -> Tensor:  # (M, K) -> (M, N)
-        raise NotImplementedError
+        """The low-bit matmul of this layer's kernel."""
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

@@ -113,6 +113,8 @@ def test_sparsity_counts_exact_zeros_and_ignores_biases(cfg):
 class _Packed(nn.Module):
     """A stand-in packed int4 layer: two codes per byte, logical shape (out, in)."""
 
+    is_packed = True
+
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
         self.in_features, self.out_features = d_in, d_out
