@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from slimforge import PACKAGE_ROOTS
 
@@ -89,7 +90,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """safetensors with a canonical header: the same tensors and metadata give the same bytes.
+
+    safetensors keeps metadata in a hash map, so its key order (and the file's hash) would
+    change from process to process; the header is re-written with sorted metadata.
+    """
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n :])
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

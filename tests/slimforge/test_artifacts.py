@@ -75,3 +75,14 @@ def test_pickle_checkpoint_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2)}, path)  # a pickle archive under a safetensors name
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
         load_tensors(path)
+
+
+def test_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    tensors = {"w": torch.arange(6.0).view(2, 3), "q": torch.ones(4, dtype=torch.uint8)}
+    metadata = {f"key{i}": str(i) for i in range(16)}  # safetensors keeps these in a hash map
+    blobs = set()
+    for i in range(5):
+        save_tensors(tmp_path / f"{i}.safetensors", tensors, metadata)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    assert torch.equal(load_tensors(tmp_path / "0.safetensors")["w"], tensors["w"])
