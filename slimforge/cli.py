@@ -44,7 +44,7 @@ def run(
 
     timings = pipeline(params_file=str(params), overrides=list(set_), until=until,
                        workspace=str(Workspace.current().root))
-    table = Table(title="slimforge: seconds per stage (0 = unchanged, skipped)")
+    table = Table(title="seconds per stage (0 = skipped)")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for name, secs in timings.items():
