@@ -129,11 +129,16 @@ def write_meta(directory: Path, *, root: Path, stage: str, method: str, config: 
         "config": config,
         "seed": seed,
         "code_version": code_version(),
-        "parents": {name: {"path": Path(p).resolve().relative_to(Path(root).resolve()).as_posix(), "sha256": content_hash(p)} for name, p in parents.items()},
+        "parents": {name: _parent(root, p) for name, p in parents.items()},
         **(extra or {}),
     }
     write_json_atomic(Path(directory) / META, meta)
     return meta
+
+
+def _parent(root: Path, path: Path) -> dict:
+    rel = Path(path).resolve().relative_to(Path(root).resolve())
+    return {"path": rel.as_posix(), "sha256": content_hash(path)}
 
 
 def read_meta(directory: Path) -> dict:

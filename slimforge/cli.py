@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,11 +17,10 @@ from slimforge.workspace import Workspace
 
 app = typer.Typer(help="slimforge: make a model smaller, faster and more capable, reproducibly.",
                   no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    typer.echo(f"error: {message}", err=True)  # unwrapped: one line per problem
     raise typer.Exit(code)
 
 
@@ -30,7 +28,7 @@ def _fail(message: str, code: int = 2) -> None:
 def run(
     params: Path = typer.Option(Path("params.yaml"), "--params", help="params file (a preset in params/ or params.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.epochs=3 (repeatable)"),
-    until: Optional[str] = typer.Option(None, "--until", help=f"stop after this stage: {', '.join(STAGE_NAMES)}"),
+    until: str | None = typer.Option(None, "--until", help=f"stop after this stage: {', '.join(STAGE_NAMES)}"),
 ) -> None:
     """Run the pipeline through the Prefect flow (stages whose inputs did not change are skipped)."""
     try:

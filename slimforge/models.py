@@ -9,7 +9,7 @@ Inputs are (B, C, H, W) images or (B, L) sequences; sequences run as (B, 1, 1, L
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,7 +40,7 @@ class ViTConfig(_Strict):
     mlp: int = Field(default=128, ge=8)
 
 
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig, ViTConfig], Field(discriminator="arch")]
+ModelConfig = Annotated[MLPConfig | CNNConfig | ViTConfig, Field(discriminator="arch")]
 
 
 def as_image(x: Tensor) -> Tensor:

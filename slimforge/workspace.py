@@ -18,7 +18,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def current(cls) -> "Workspace":
+    def current(cls) -> Workspace:
         return cls(Path(os.environ.get("SLIMFORGE_WORKSPACE", ".")).resolve())
 
     def artifact(self, stage: str, *parts: str) -> Path:

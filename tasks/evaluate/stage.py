@@ -16,8 +16,15 @@ from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta
 from slimforge.checkpoint import load_any, load_multihead
 from slimforge.data import load_dataset
 from slimforge.transforms import apply_transform
-from tasks.evaluate.harness import (bits_per_parameter, classification_metrics, count_parameters, latency_ms,
-                                    predict, size_on_disk, sparsity)
+from tasks.evaluate.harness import (
+    bits_per_parameter,
+    classification_metrics,
+    count_parameters,
+    latency_ms,
+    predict,
+    size_on_disk,
+    sparsity,
+)
 from tasks.evaluate.report import render_report
 from tasks.evaluate.schema import validate_summary, write_summary
 

@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 
 from slimforge.artifacts import atomic_dir, save_tensors, write_meta
-from slimforge.checkpoint import model_spec, build_from_spec
+from slimforge.checkpoint import build_from_spec, model_spec
 from slimforge.data import SPLITS, load_dataset
 from tasks.select.el2n import El2nConfig, el2n_scores, keep_highest
 from tasks.select.random import select_random
