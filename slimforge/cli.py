@@ -42,7 +42,7 @@ def run(
 
     timings = pipeline(params_file=str(params), overrides=list(set_), until=until,
                        workspace=str(Workspace.current().root))
-    table = Table(title="seconds per stage (0 = skipped)")
+    table = Table(title="seconds per stage (0 = skipped)", min_width=40)
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for name, secs in timings.items():
