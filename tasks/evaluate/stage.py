@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from scipy import stats
 
 from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta
 from slimforge.checkpoint import load_any, load_multihead
@@ -63,7 +64,7 @@ def run(params, ws, fanout=None) -> dict:
     x, y = ds.part("test")
     k = ds.num_classes
     rows = []
-    for artifact, directory in [("train", ws.artifact("train")), ("prune", ws.artifact("prune")),
+    for artifact, directory in [("train", ws.artifact("train")), *_seed_runs(ws), ("prune", ws.artifact("prune")),
                                 *[(f"quantize/{p.name}", p) for p in sorted(ws.artifact("quantize").iterdir())]]:
         rows.append(_row(artifact, directory, "test", _measure(load_any(directory), x, y, k, directory / WEIGHTS, cfg)))
     merged_dir = ws.artifact("merge")
@@ -80,7 +81,25 @@ def run(params, ws, fanout=None) -> dict:
     with atomic_dir(ws.root / "reports") as d:
         render_report(summary, d)
     write_summary(summary, ws.root / "metrics" / "summary.csv")
-    return _headline(summary)
+    return {**_headline(summary), "train_seeds": seed_statistics(summary)}
+
+
+def _seed_runs(ws) -> list[tuple[str, Path]]:
+    """The extra runs of a train seed sweep (artifacts/train/seeds/seed-<s>), if any."""
+    seeds = ws.artifact("train", "seeds")
+    return [(f"train/{p.name}", p) for p in sorted(seeds.iterdir())] if seeds.is_dir() else []
+
+
+def seed_statistics(summary: pd.DataFrame) -> dict:
+    """Test accuracy of the train stage over its seeds: mean, std and a 95% t-interval."""
+    runs = summary[(summary.stage == "train") & (summary.evaluated_on == "test")]
+    acc = runs.accuracy.to_numpy(dtype=float)
+    out = {"n": int(len(acc)), "mean": round(float(acc.mean()), 6)}
+    if len(acc) > 1:
+        std = float(acc.std(ddof=1))
+        half = float(stats.t.ppf(0.975, len(acc) - 1)) * std / len(acc) ** 0.5
+        out.update(std=round(std, 6), ci95=[round(out["mean"] - half, 6), round(out["mean"] + half, 6)])
+    return out
 
 
 def _headline(df: pd.DataFrame) -> dict:
