@@ -8,7 +8,8 @@ from tasks.train.init import initialize
 
 def _base_and_data():
     g = torch.Generator().manual_seed(0)
-    base = initialize(build_model(MLPConfig(hidden=[32]), (1, 8, 8), 10), "kaiming", g)
+    base = build_model(MLPConfig(hidden=[32]), (1, 8, 8), 10)
+    initialize(base, "kaiming", g)  # in place
     return base, torch.rand(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g)
 
 
