@@ -22,6 +22,7 @@ from tasks.quantize.config import QuantizeConfig
 from tasks.select import SelectConfig
 from tasks.select.random import RandomConfig
 from tasks.train.config import TrainConfig
+from tasks.train.init_config import INIT_SCHEMES
 
 
 class Params(BaseModel):
@@ -53,7 +54,7 @@ def _format(source: str, err: ValidationError) -> str:
 
 # Discriminated unions add the tag to the error location (select.random.keep_fraction);
 # drop it so the path is the one the user wrote (select.keep_fraction).
-_UNION_TAGS = {"random", "el2n", "mlp", "cnn", "vit"}
+_UNION_TAGS = {"random", "el2n", "mlp", "cnn", "vit", *INIT_SCHEMES}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

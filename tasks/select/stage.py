@@ -11,16 +11,21 @@ from slimforge.data import SPLITS, load_dataset
 from tasks.select.el2n import El2nConfig, el2n_scores, keep_highest
 from tasks.select.random import select_random
 from tasks.select.schema import SCORES_SCHEMA
-from tasks.train.init import initialize
+from tasks.train import initialize
 
 
-def _select(params, ds, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+def _select(params, ws, ds, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept positions within the train split, per-example scores or NaN)."""
     cfg = params.select
     g = torch.Generator().manual_seed(cfg.seed)
     if isinstance(cfg, El2nConfig):
         spec = model_spec(params.train.model, ds.input_shape, ds.num_classes)
-        make = lambda gen: initialize(build_from_spec(spec), params.train.init, gen)  # noqa: E731
+
+        def make(gen: torch.Generator):
+            model = build_from_spec(spec)
+            initialize(model, params.train.init, gen, root=ws.root)
+            return model
+
         scores = el2n_scores(make, x, y, ds.num_classes, cfg, g)
         return keep_highest(scores, cfg.keep_fraction, cfg.offset), scores
     return select_random(y, cfg, g), torch.full((len(y),), float("nan"))
@@ -31,7 +36,7 @@ def run(params, ws, fanout=None) -> dict:
     ds = load_dataset(ws.artifact("ingest"))
     ids = torch.nonzero(ds.split == SPLITS["train"]).flatten()  # dataset-level ids of the train split
     x, y = ds.x[ids], ds.y[ids]
-    kept, scores = _select(params, ds, x, y)
+    kept, scores = _select(params, ws, ds, x, y)
     mask = torch.zeros(len(ids), dtype=torch.bool)
     mask[kept] = True
     table = SCORES_SCHEMA.validate(pd.DataFrame({

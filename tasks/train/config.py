@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 from pydantic import ConfigDict, Field
 
 from slimforge.models import CNNConfig, ModelConfig
 from slimforge.training import FitConfig
+from tasks.train.init_config import InitField, KaimingConfig
 
 
 class TrainConfig(FitConfig):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=CNNConfig)
-    init: Literal["kaiming", "xavier", "orthogonal"] = "kaiming"
+    init: InitField = Field(default_factory=KaimingConfig, description="weight initialisation scheme")
     seed: int = 0
 
     def fit_config(self) -> FitConfig:

@@ -1,64 +1,137 @@
-"""Weight initialisation registry (train.init).
+"""Weight initialisation registry (train.init): one scheme per module in ``tasks/train/inits/``.
 
-kaiming: He et al., "Delving Deep into Rectifiers" (ICCV 2015), std = gain/sqrt(fan_in), gain sqrt(2).
-xavier:  Glorot & Bengio (AISTATS 2010), Var = 2/(fan_in + fan_out).
-orthogonal: Saxe et al. (ICLR 2014), QR of a Gaussian with sign fix, times the gain.
-Biases start at zero, norms at (1, 0). Every draw uses the generator passed in.
+Dense draws (a function of one weight's shape and the generator):
+  kaiming               He et al., "Delving Deep into Rectifiers" (ICCV 2015)
+  xavier                Glorot & Bengio (AISTATS 2010)
+  orthogonal            Saxe et al. (ICLR 2014)
+  generalized_gaussian  "It Takes a Good Model to Train a Good Model: Generalized Gaussian Priors"
+  effective_rank        Liu et al., "How Connectivity Structure Shapes Rich and Lazy Learning" (ICLR 2024)
+Whole-model schemes:
+  erk         Evci et al., "Rigging the Lottery" (ICML 2020): ERK masks over a dense draw
+  rewind      Frankle et al., "Linear Mode Connectivity and the Lottery Ticket Hypothesis" (ICML 2020)
+  pretrained  a safetensors checkpoint of the same architecture
+
+A drawn init re-draws every Linear/Conv2d weight and MultiheadAttention in_proj_weight, zeroes
+biases, sets LayerNorm to (1, 0) and the ViT position embedding ``pos`` to N(0, 0.02²).
+``initialize`` returns the sparsity masks ({param name: bool tensor}) the training loop must
+keep applying: ERK's, or a rewind's mask file; empty for every other scheme.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tasks.train.init_config import parse_init
+from tasks.train.inits.effective_rank import effective_rank
+from tasks.train.inits.erk import erk_masks
+from tasks.train.inits.generalized_gaussian import generalized_gaussian
+from tasks.train.inits.kaiming import kaiming
+from tasks.train.inits.orthogonal import orthogonal
+from tasks.train.inits.pretrained import load_pretrained
+from tasks.train.inits.rewind import rewind
+from tasks.train.inits.xavier import xavier
 
-def _fans(w: Tensor) -> tuple[int, int]:
-    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
-    return w.shape[1] * receptive, w.shape[0] * receptive
+__all__ = ["DRAWS", "INITS", "hold_masks", "initialize", "kaiming", "orthogonal", "redraw",
+           "weight_params", "xavier", "zero_masked"]
 
-
-def kaiming(w: Tensor, g: torch.Generator) -> Tensor:
-    fan_in, _ = _fans(w)
-    return torch.randn(w.shape, generator=g) * math.sqrt(2.0 / fan_in)
-
-
-def xavier(w: Tensor, g: torch.Generator) -> Tensor:
-    fan_in, fan_out = _fans(w)
-    return torch.randn(w.shape, generator=g) * math.sqrt(2.0 / (fan_in + fan_out))
-
-
-def orthogonal(w: Tensor, g: torch.Generator, gain: float = math.sqrt(2.0)) -> Tensor:
-    rows, cols = w.shape[0], math.prod(w.shape[1:])
-    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r))  # sign fix: makes Q uniform (Haar) over orthogonal matrices
-    q = q if rows >= cols else q.T
-    return (gain * q).to(w.dtype).reshape(w.shape)
+# scheme -> draw(weight, generator, **settings) -> a new tensor of the weight's shape
+DRAWS: dict[str, Callable[..., Tensor]] = {
+    "kaiming": kaiming,
+    "xavier": xavier,
+    "orthogonal": orthogonal,
+    "generalized_gaussian": generalized_gaussian,
+    "effective_rank": effective_rank,
+}
 
 
-INITS = {"kaiming": kaiming, "xavier": xavier, "orthogonal": orthogonal}
+def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight matrices/kernels an init draws (and ERK masks), by parameter name."""
+    out = {}
+    for prefix, module in model.named_modules():
+        attr = ("weight" if isinstance(module, (nn.Linear, nn.Conv2d))
+                else "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else None)
+        if attr and getattr(module, attr) is not None:
+            out[f"{prefix}.{attr}" if prefix else attr] = getattr(module, attr)
+    return out
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, name: str, g: torch.Generator) -> nn.Module:
-    """Re-draw every weight matrix/kernel with ``name``; zero biases; unit norms."""
-    if name not in INITS:
-        raise ValueError(f"train.init: {name!r} is not one of {', '.join(INITS)}")
-    draw = INITS[name]
+def zero_masked(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Set the weights each bool mask marks False to +0.0 exactly; kept values untouched."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].masked_fill_(~mask, 0.0)
+
+
+@torch.no_grad()
+def redraw(model: nn.Module, draw: Callable[[Tensor], Tensor], g: torch.Generator) -> None:
+    """Weights from ``draw`` in module order, biases 0, LayerNorm (1, 0), ViT ``pos`` N(0, 0.02²)."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.weight.copy_(draw(module.weight, g))
+            module.weight.copy_(draw(module.weight))
             if module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-        elif isinstance(module, nn.MultiheadAttention):
-            module.in_proj_weight.copy_(draw(module.in_proj_weight, g))
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            module.in_proj_weight.copy_(draw(module.in_proj_weight))
             module.in_proj_bias.zero_()
-    for name_, p in model.named_parameters():
-        if name_.endswith("pos"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)  # ViT position embedding
-    return model
+    for name, p in model.named_parameters():
+        if name.endswith("pos"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)  # ViT position embedding, (1, T, D)
+
+
+def _dense(model: nn.Module, cfg: Any, g: torch.Generator, root: Path | None) -> dict[str, Tensor]:
+    draw, settings = DRAWS[cfg.scheme], cfg.model_dump(exclude={"scheme"})
+    redraw(model, lambda w: draw(w, g, **settings), g)
+    return {}
+
+
+@torch.no_grad()
+def _erk(model: nn.Module, cfg: Any, g: torch.Generator, root: Path | None) -> dict[str, Tensor]:
+    draw = DRAWS[cfg.base]
+    redraw(model, lambda w: draw(w, g), g)
+    weights = weight_params(model)
+    masks = erk_masks({k: tuple(p.shape) for k, p in weights.items()}, cfg.density, g)
+    zero_masked(model, masks)
+    return masks
+
+
+def _rewind(model: nn.Module, cfg: Any, g: torch.Generator, root: Path | None) -> dict[str, Tensor]:
+    return rewind(model, cfg.run, cfg.step, cfg.mask, root)
+
+
+def _pretrained(model: nn.Module, cfg: Any, g: torch.Generator, root: Path | None) -> dict[str, Tensor]:
+    load_pretrained(model, cfg.path, root)
+    return {}
+
+
+# The registry, keyed by the YAML name (train.init.scheme).
+INITS: dict[str, Callable[..., dict[str, Tensor]]] = {
+    **{scheme: _dense for scheme in DRAWS},
+    "erk": _erk,
+    "rewind": _rewind,
+    "pretrained": _pretrained,
+}
+
+
+def hold_masks(masks: dict[str, Tensor]) -> Callable[[nn.Module], None] | None:
+    """An ``after_step`` for ``slimforge.training.fit`` keeping masked weights at 0; None if none."""
+    return (lambda model: zero_masked(model, masks)) if masks else None
+
+
+def initialize(model: nn.Module, cfg: Any, g: torch.Generator, root: Path | None = None) -> dict[str, Tensor]:
+    """Initialise ``model`` in place per ``cfg`` (a config, its dict or a bare scheme name).
+
+    ``root`` is the workspace root that relative checkpoint paths (rewind, pretrained) are
+    resolved against. Returns {param name: bool mask} of weights held at zero (erk, a masked
+    rewind), else {}.
+    """
+    cfg = parse_init(cfg)
+    return INITS[cfg.scheme](model, cfg, g, root)

@@ -23,13 +23,14 @@ def test_presets_are_valid_and_params_yaml_is_the_default_experiment():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("train:\n  init: kaimig\n", ["p.yaml: train.init: 'kaimig'", "'kaiming', 'xavier' or 'orthogonal'"]),
+    ("train:\n  init: kaimig\n", ["p.yaml: train.init: 'kaimig'", "kaiming, xavier, orthogonal, generalized_gaussian"]),
     ("train:\n  epochs: many\n", ["train.epochs: 'many'", "integer"]),
     ("trian:\n  epochs: 3\n", ["trian", "Extra inputs are not permitted"]),
     ("train:\n  lr: -1\n", ["train.lr: -1", "greater than 0"]),
     ("select:\n  method: coreset\n", ["select", "'coreset'", "'random', 'el2n'"]),
     ("select:\n  method: el2n\n  keep_fraction: 1.5\n", ["select.keep_fraction: 1.5"]),
     ("train:\n  model: {arch: cnn, widths: [4]}\n", ["train.model.widths"]),
+    ("train:\n  init: {scheme: erk, density: 2}\n", ["train.init.density: 2"]),
     ("quantize:\n  variants: [{name: a, bits: 5}]\n", ["quantize.variants.0.bits: 5"]),
     ("finetune:\n  tasks: [{name: a, transform: spin}]\n", ["finetune.tasks.0.transform: 'spin'", "rotate90"]),
     ("ingest:\n  dataset: imagenet\n", ["ingest.dataset: 'imagenet'", "mnist5k"]),

@@ -30,7 +30,12 @@ def test_flipped_labels_dominate_the_top_decile():
     flipped = torch.randperm(len(y), generator=g)[: len(y) // 20]
     y = y.clone()
     y[flipped] = (y[flipped] + 1 + torch.randint(0, 9, (len(flipped),), generator=g)) % 10
-    make = lambda gen: initialize(build_model(MLPConfig(hidden=[64]), (64,), 10), "kaiming", gen)  # noqa: E731
+
+    def make(gen):
+        model = build_model(MLPConfig(hidden=[64]), (64,), 10)
+        initialize(model, "kaiming", gen)
+        return model
+
     cfg = El2nConfig(scoring_epochs=2, scoring_seeds=2, batch_size=64)
     scores = el2n_scores(make, x, y, 10, cfg, g)
     top = torch.argsort(scores, descending=True)[: len(y) // 10]

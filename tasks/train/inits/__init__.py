@@ -1,0 +1,1 @@
+"""One module per train.init scheme; ``tasks/train/init.py`` holds the registry."""
