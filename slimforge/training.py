@@ -1,8 +1,12 @@
 """The one training loop every stage uses (train, finetune, prune recovery, scoring).
 
-Optimizers: SGD with momentum, AdamW. Schedule: linear decay to zero (the default,
-"Straight to Zero: Why Linearly Decaying the Learning Rate to Zero Works Best",
-Bergsma et al. 2025), cosine or constant. Data order comes from an explicit generator.
+Optimizers: SGD with momentum, AdamW (Loshchilov & Hutter, "Decoupled Weight Decay
+Regularization", ICLR 2019), Lion (Chen et al., "Symbolic Discovery of Optimization
+Algorithms", NeurIPS 2023; ``slimforge.optim``). Schedule: optional linear warm-up, then
+linear decay to zero (the default, "Straight to Zero: Why Linearly Decaying the Learning
+Rate to Zero Works Best", Bergsma et al. 2025), cosine or constant. Data order comes from an
+explicit generator: one permutation per epoch. With ``checkpoint`` the loop writes exact-resume
+checkpoints (``slimforge.resume``) and continues from the newest one it finds.
 """
 
 from __future__ import annotations
@@ -20,33 +24,38 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from slimforge.data import batches
+from slimforge.optim import Lion, lr_factor
+from slimforge.resume import Checkpointing, Position, load_latest, restore, save_checkpoint
+
+__all__ = ["Checkpointing", "FitConfig", "accuracy", "fit", "lr_factor", "make_optimizer"]
+
+# Fields that say how a run is saved, not what it computes (left out of resume fingerprints).
+CHECKPOINT_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
 
 
 class FitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "adamw", "lion"] = Field(
+        default="adamw", description="lion: use an lr 3-10x below and a weight decay 3-10x above AdamW's")
     lr: float = Field(default=2e-3, gt=0, description="peak learning rate")
-    weight_decay: float = Field(default=1e-4, ge=0)
+    weight_decay: float = Field(default=1e-4, ge=0, description="decoupled for adamw and lion, L2 for sgd")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=128, ge=1)
     schedule: Literal["linear_decay", "cosine", "constant"] = "linear_decay"
+    warmup_steps: int = Field(default=0, ge=0, description="optimizer steps of linear warm-up from 0 to the peak lr")
+    checkpoint_every: int = Field(default=0, ge=0,
+                                  description="optimizer steps between exact-resume checkpoints; 0 = off")
+    keep_checkpoints: int = Field(default=2, ge=0, description="newest checkpoints kept; 0 keeps all")
 
 
 def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lion":
+        return Lion(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """Multiplier of the peak lr at ``step`` of ``total``."""
-    if schedule == "linear_decay":
-        return 1.0 - step / total
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * step / total))
-    return 1.0
 
 
 def fit(
@@ -59,36 +68,83 @@ def fit(
     params: list[nn.Parameter] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     label: str = "train",
+    checkpoint: Checkpointing | None = None,
 ) -> list[float]:
     """Train ``model`` on (x, y) in place; returns the mean loss of each epoch.
 
     ``params`` restricts what is optimised (e.g. a head only); ``after_step`` runs after
-    every optimiser step (e.g. re-applying a pruning mask).
+    every optimiser step (e.g. re-applying a pruning mask). With ``checkpoint``, a run found
+    in its directory is continued where it stopped, to bit-identical weights on CPU.
     """
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, total))
-    history = []
+    lr_factor(cfg.schedule, 0, total, cfg.warmup_steps)  # refuses a warm-up longer than the run
+    pos = Position()
+    fingerprint = {"examples": len(x), "total_steps": total,
+                   "config": cfg.model_dump(mode="json", exclude=set(CHECKPOINT_FIELDS))}
+    if checkpoint is not None and (loaded := load_latest(checkpoint, opt)) is not None:
+        pos = restore(loaded, model, opt, generator, fingerprint)
     model.train()
     with _progress(label, total) as (bar, task):
-        for epoch in range(cfg.epochs):
-            running = 0.0
-            for idx in batches(len(x), cfg.batch_size, generator):
+        bar.update(task, completed=pos.step)
+        while pos.epoch < cfg.epochs:
+            for idx in _epoch_batches(len(x), cfg.batch_size, generator, pos):
+                _set_lr(opt, cfg.lr * lr_factor(cfg.schedule, pos.step, total, cfg.warmup_steps))
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
                 if after_step is not None:
                     after_step(model)
-                running += loss.item() * len(idx)
+                _advance(pos, loss.item() * len(idx), steps_per_epoch, len(x), generator)
                 bar.update(task, advance=1)
-            history.append(running / len(x))
-            bar.update(task, description=f"{label} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]:.3f}")
+                if pos.batch == 0:
+                    bar.update(task, description=f"{label} epoch {pos.epoch}/{cfg.epochs} loss {pos.history[-1]:.3f}")
+                if checkpoint is not None and checkpoint.due(pos.step, total):
+                    _save(checkpoint, pos, model, opt, generator, cfg, total, fingerprint)
     model.eval()
-    return history
+    return list(pos.history)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _epoch_batches(n: int, batch_size: int, generator: torch.Generator, pos: Position) -> list[Tensor]:
+    """The batches of ``pos.epoch`` not yet done; mid-epoch (after a resume) its permutation
+    is drawn again from the generator state saved at the epoch's start."""
+    if pos.batch == 0:
+        pos.epoch_rng = generator.get_state()  # uint8 state; what a checkpoint stores
+        return list(batches(n, batch_size, generator))
+    now = generator.get_state()
+    generator.set_state(pos.epoch_rng)
+    chunks = list(batches(n, batch_size, generator))
+    generator.set_state(now)
+    return chunks[pos.batch:]
+
+
+def _advance(pos: Position, batch_loss: float, steps_per_epoch: int, n: int, generator: torch.Generator) -> None:
+    """Count one optimizer step; at the end of an epoch record its mean loss."""
+    pos.step += 1
+    pos.batch += 1
+    pos.running += batch_loss
+    if pos.batch == steps_per_epoch:
+        pos.history.append(pos.running / n)
+        pos.epoch, pos.batch, pos.running = pos.epoch + 1, 0, 0.0
+        pos.epoch_rng = generator.get_state()
+
+
+def _save(ckpt: Checkpointing, pos: Position, model: nn.Module, opt: torch.optim.Optimizer,
+          generator: torch.Generator, cfg: FitConfig, total: int, fingerprint: dict) -> None:
+    """Checkpoint after ``pos.step`` steps; ``lr`` is what the next step would use (0 at the
+    end of a linear decay)."""
+    factor = lr_factor(cfg.schedule, pos.step, total, cfg.warmup_steps)
+    schedule = {"name": cfg.schedule, "warmup_steps": cfg.warmup_steps, "total_steps": total, "factor": factor}
+    save_checkpoint(ckpt, pos, model, opt, generator,
+                    {"schedule": schedule, "lr": cfg.lr * factor, "fingerprint": fingerprint})
 
 
 _LIVE = threading.Lock()  # rich allows one live display at a time; fan-out threads share it

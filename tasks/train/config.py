@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from slimforge.models import CNNConfig, ModelConfig
 from slimforge.training import FitConfig
@@ -15,7 +14,16 @@ class TrainConfig(FitConfig):
 
     model: ModelConfig = Field(default_factory=CNNConfig)
     init: InitField = Field(default_factory=KaimingConfig, description="weight initialisation scheme")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the main run, the one later stages build on")
+    seeds: list[int] = Field(default_factory=list,
+                             description="extra seeds of a seed sweep; evaluate reports mean ± std over all runs")
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> TrainConfig:
+        runs = [self.seed, *self.seeds]
+        if len(set(runs)) != len(runs):
+            raise ValueError(f"seeds: {self.seeds} must be distinct and must not repeat seed {self.seed}")
+        return self
 
     def fit_config(self) -> FitConfig:
         return FitConfig(**{k: getattr(self, k) for k in FitConfig.model_fields})

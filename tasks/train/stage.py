@@ -1,28 +1,82 @@
-"""train stage runner: the selected training set in, a trained model artifact out."""
+"""train stage runner: the selected training set in, a trained model artifact out.
+
+With ``train.checkpoint_every`` > 0 the run checkpoints into ``runs/train/<key>/step-<k>/``
+(outside DVC's outputs, which DVC deletes before a stage runs) and a killed run, started
+again, continues from its newest checkpoint to the same weights. ``<key>`` hashes the train
+config, the input artifacts and the code, so a changed run never resumes a stale one. The
+checkpoints stay after success: ``train.init: rewind`` reads them.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 
-from slimforge.artifacts import atomic_dir, load_tensors
+from slimforge import artifacts
+from slimforge.artifacts import atomic_dir, content_hash, load_tensors
 from slimforge.checkpoint import build_from_spec, model_spec, save_model
 from slimforge.data import load_dataset
-from slimforge.training import accuracy, fit
-from tasks.train.init import initialize
+from slimforge.training import CHECKPOINT_FIELDS, Checkpointing, accuracy, fit
+from tasks.train.init import hold_masks, initialize
+
+
+def run_key(cfg, inputs: dict[str, Path]) -> str:
+    """16 hex digits of sha256 over the resolved config (less where checkpoints go), the
+    inputs' content hashes and the code version: what a resumed run must share."""
+    blob = {"config": cfg.model_dump(mode="json", exclude=set(CHECKPOINT_FIELDS)),
+            "inputs": {name: content_hash(path) for name, path in sorted(inputs.items())},
+            "code_version": artifacts.code_version()}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _train_one(params, ws, ds, kept, spec, seed: int):
+    """One run of the sweep: (model, per-epoch losses, meta extra)."""
+    cfg = params.train
+    g = torch.Generator().manual_seed(seed)
+    model = build_from_spec(spec)
+    masks = initialize(model, cfg.init, g, root=ws.root)
+    extra, checkpoint = {}, None
+    if cfg.checkpoint_every > 0:
+        runs = Path("runs", "train", run_key(cfg, _parents(ws)), f"seed-{seed}")  # workspace-relative
+        checkpoint = Checkpointing(ws.root / runs, cfg.checkpoint_every, cfg.keep_checkpoints)
+        extra = {"checkpoints": runs.as_posix()}
+    history = fit(model, ds.x[kept], ds.y[kept], cfg.fit_config(), g, after_step=hold_masks(masks),
+                  label=f"train seed {seed}", checkpoint=checkpoint)
+    return model, history, extra
+
+
+def _parents(ws) -> dict[str, Path]:
+    return {"dataset": ws.artifact("ingest"), "selection": ws.artifact("select")}
+
+
+def _serial(fn, items):
+    return [fn(item) for item in items]
 
 
 def run(params, ws, fanout=None) -> dict:
+    """Train ``train.seed`` (and, for a sweep, every ``train.seeds``; fanned out by ``fanout``).
+
+    The main run is artifacts/train/model.safetensors, the one later stages build on; the
+    sweep's other runs are artifacts/train/seeds/seed-<s>/.
+    """
     cfg = params.train
     ds = load_dataset(ws.artifact("ingest"))
     kept = load_tensors(ws.artifact("select", "indices.safetensors"))["indices"]
     spec = model_spec(cfg.model, ds.input_shape, ds.num_classes)
-    g = torch.Generator().manual_seed(cfg.seed)
-    model = initialize(build_from_spec(spec), cfg.init, g)
-    history = fit(model, ds.x[kept], ds.y[kept], cfg.fit_config(), g, label="train")
-    val_acc = accuracy(model, *ds.part("val"))
+    seeds = [cfg.seed, *cfg.seeds]
+    results = (fanout or _serial)(lambda seed: _train_one(params, ws, ds, kept, spec, seed), seeds)
+    val = {seed: accuracy(model, *ds.part("val")) for seed, (model, _, _) in zip(seeds, results, strict=True)}
     with atomic_dir(ws.artifact("train")) as d:
-        save_model(d, model.state_dict(), spec, root=ws.root, stage="train", method=cfg.init,
-                   config=cfg.model_dump(mode="json"), seed=cfg.seed,
-                   parents={"dataset": ws.artifact("ingest"), "selection": ws.artifact("select")})
-    return {"train_examples": len(kept), "final_train_loss": round(history[-1], 6),
-            "val_accuracy": round(val_acc, 6)}
+        for seed, (model, _, extra) in zip(seeds, results, strict=True):
+            target = d if seed == cfg.seed else d / "seeds" / f"seed-{seed}"
+            target.mkdir(parents=True, exist_ok=True)
+            save_model(target, model.state_dict(), spec, root=ws.root, stage="train", method=cfg.init.scheme,
+                       config=cfg.model_dump(mode="json"), seed=seed, parents=_parents(ws), extra=extra)
+    metrics = {"train_examples": len(kept), "final_train_loss": round(results[0][1][-1], 6),
+               "val_accuracy": round(val[cfg.seed], 6)}
+    if cfg.seeds:
+        metrics["val_accuracy_by_seed"] = {str(s): round(v, 6) for s, v in val.items()}
+    return metrics
