@@ -37,17 +37,23 @@ def save_model(directory: Path, tensors: dict[str, Tensor], spec: dict, **meta) 
     return write_meta(directory, extra=extra, **meta)
 
 
-def _check_keys(path: Path, expected: dict[str, Tensor], got: dict[str, Tensor]) -> None:
-    missing = sorted(expected.keys() - got.keys())
+def check_state(where: str | Path, expected: dict[str, Tensor], got: dict[str, Tensor]) -> None:
+    """Refuse a checkpoint that does not fit: the first missing, extra, mis-shaped or
+    non-finite tensor is named, with ``where`` (the file) in front."""
+    missing = [k for k in expected if k not in got]
     if missing:
-        raise ArtifactError(f"{path}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) "
-                            "for this architecture")
+        raise ArtifactError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing in all); "
+                            "is it a checkpoint of this architecture?")
+    extra = [k for k in got if k not in expected]
+    if extra:
+        raise ArtifactError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all) that this "
+                            "architecture does not have")
     for name, ref in expected.items():
         if got[name].shape != ref.shape:
-            raise ArtifactError(f"{path}: tensor {name!r} has shape {tuple(got[name].shape)}, "
+            raise ArtifactError(f"{where}: tensor {name!r} has shape {tuple(got[name].shape)}, "
                                 f"the architecture expects {tuple(ref.shape)}")
         if got[name].is_floating_point() and not torch.isfinite(got[name]).all():
-            raise ArtifactError(f"{path}: tensor {name!r} contains NaN or Inf")
+            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
 def load_model(directory: Path) -> Classifier:
@@ -59,8 +65,8 @@ def load_model(directory: Path) -> Classifier:
     model = build_from_spec(meta["model"])
     tensors = load_tensors(directory / WEIGHTS)
     expected = model.state_dict()
-    _check_keys(directory / WEIGHTS, expected, tensors)
-    model.load_state_dict({k: tensors[k] for k in expected})
+    check_state(directory / WEIGHTS, expected, tensors)
+    model.load_state_dict(tensors)
     return model.eval()
 
 
@@ -81,7 +87,7 @@ def load_multihead(directory: Path) -> dict[str, Classifier]:
         model = build_from_spec(meta["model"])
         state = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
         state.update({f"head.{k.split('.')[-1]}": v for k, v in tensors.items() if k.startswith(f"heads.{task}.")})
-        _check_keys(directory / WEIGHTS, model.state_dict(), state)
+        check_state(directory / WEIGHTS, model.state_dict(), state)
         model.load_state_dict(state)
         models[task] = model.eval()
     return models

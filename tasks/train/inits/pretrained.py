@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from slimforge.artifacts import WEIGHTS, ArtifactError, load_tensors
+from slimforge.checkpoint import check_state
 
 
 def resolve(path: str | Path, root: Path | None) -> Path:
@@ -27,23 +28,6 @@ def resolve(path: str | Path, root: Path | None) -> Path:
 def checkpoint_file(path: Path) -> Path:
     """A .safetensors file, or a directory holding model.safetensors."""
     return path / WEIGHTS if path.is_dir() else path
-
-
-def check_state(where: str, expected: dict[str, Tensor], got: dict[str, Tensor]) -> None:
-    missing = [k for k in expected if k not in got]
-    if missing:
-        raise ArtifactError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing in all); "
-                            "is it a checkpoint of this architecture?")
-    extra = [k for k in got if k not in expected]
-    if extra:
-        raise ArtifactError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all) that this "
-                            "architecture does not have")
-    for name, ref in expected.items():
-        if got[name].shape != ref.shape:
-            raise ArtifactError(f"{where}: tensor {name!r} has shape {tuple(got[name].shape)}, "
-                                f"the architecture expects {tuple(ref.shape)}")
-        if got[name].is_floating_point() and not torch.isfinite(got[name]).all():
-            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
 @torch.no_grad()
