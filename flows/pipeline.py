@@ -22,7 +22,7 @@ from slimforge.workspace import Workspace
 from tasks.evaluate.schema import read_summary
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="fan-out item {item}")
 def _fanout_item(fn, item):
     return fn(item)
 
