@@ -66,12 +66,16 @@ class GradientMatchingConfig(BaseModel):
 
 
 def layer_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Σ over output rows of 1 - cos between two gradients of one parameter; 0 for 1-D ones."""
+    """Σ over output rows of 1 - cos between two gradients of one parameter; 0 for 1-D ones.
+
+    A row that is zero in both (a unit dead for both batches) counts as matched, so identical
+    gradients are at distance 0; the reference counts it 1, a constant with no gradient."""
     if a.dim() == 1:
         return a.new_zeros(())
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)  # (out, fan_in)
-    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)
-    return (1 - cos).sum()
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)  # (out,)
+    cos = (a * b).sum(-1) / (na * nb + 1e-6)
+    return ((1 - cos) * ((na > 0) | (nb > 0))).sum()
 
 
 def gradient_distance(g_syn: list[Tensor], g_real: list[Tensor]) -> Tensor:

@@ -28,6 +28,13 @@ paper text, which we could not read:
                           perturbed start is also the loss's denominator, as in their code.
 AST also runs the unrolled student with heavy-ball momentum 0.9 to match momentum-trained
 experts; that is ``inner_momentum`` here (0 by default, as in MTT).
+
+Defaults for MNIST-5k (pixels in [0, 1], no ZCA, 3,500 train images), set by measurement:
+N = 20, M = 2, T⁺ = 5 as given; ``lr_img`` 10, not 100: an expert epoch is only 14 SGD steps,
+so ‖θ*_t − θ*_{t+M}‖² is small, the normalised loss is steep (per-pixel gradients up to ~0.1
+on late segments) and 100 or 30 diverged to NaN at IPC 1 and 10. ``lr_lr`` 1e-7, not 1e-5: the
+α-gradient is 1–10³ here and 1e-5 drove α negative (NaN) in one IPC-10 run. No augmentation
+(MTT uses DSA during distillation; not wired in here).
 """
 
 from __future__ import annotations
@@ -52,13 +59,13 @@ class TrajectoryMatchingConfig(BaseModel):
 
     method: Literal["trajectory_matching"] = "trajectory_matching"
     ipc: int = Field(default=10, ge=1, description="synthetic images per class")
-    iterations: int = Field(default=1000, ge=1, description="outer steps on S, one expert segment each")
+    iterations: int = Field(default=300, ge=1, description="outer steps on S, one expert segment each")
     syn_steps: int = Field(default=20, ge=1, description="N: unrolled student steps on S per iteration")
     expert_epochs: int = Field(default=2, ge=1, description="M: expert epochs the N student steps must cover")
     max_start_epoch: int = Field(default=5, ge=0, description="T+: latest expert epoch a segment starts at")
-    lr_img: float = Field(default=100.0, gt=0, description="SGD step size on the synthetic pixels")
-    lr_lr: float = Field(default=1e-5, gt=0, description="SGD step size on the learnable student lr α")
-    lr_init: float = Field(default=0.01, gt=0, description="α_0, the student lr at the start")
+    lr_img: float = Field(default=10.0, gt=0, description="SGD step size on the synthetic pixels (in [0, 1])")
+    lr_lr: float = Field(default=1e-7, gt=0, description="SGD step size on the learnable student lr α")
+    lr_init: float | None = Field(default=None, gt=0, description="α_0, the student lr at the start; None = experts.lr")
     momentum: float = Field(default=0.5, ge=0, lt=1, description="SGD momentum on the pixels and on α")
     syn_batch: int | None = Field(default=None, ge=1, description="synthetic minibatch per student step; None = all")
     inner_momentum: float = Field(default=0.0, ge=0, lt=1,
@@ -174,13 +181,17 @@ def distill_trajectories(x: Tensor, y: Tensor, num_classes: int, net: FlatModel,
     """Algorithm 1 given the expert ``trajectories`` (E, T+1, P); returns S and the learned α."""
     images, labels = initial_synthetic(x, y, num_classes, cfg.ipc, cfg.init, g)
     syn = images.to(trajectories.dtype).requires_grad_(True)
-    lr = torch.tensor(cfg.lr_init, dtype=trajectories.dtype, requires_grad=True)
+    lr = torch.tensor(cfg.lr_init or cfg.experts.lr, dtype=trajectories.dtype, requires_grad=True)
     opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
     opt_lr = torch.optim.SGD([lr], lr=cfg.lr_lr, momentum=cfg.momentum)
     history: list[float] = []
     with distill_progress("trajectory matching", cfg.iterations) as update:
-        for _ in range(cfg.iterations):
+        for it in range(cfg.iterations):
             loss = iteration_loss(net, trajectories, syn, labels, lr, cfg, g)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"select: trajectory matching diverged at iteration {it + 1} (loss "
+                                         f"{loss.item()}); lower select.lr_img ({cfg.lr_img}) or select.lr_lr "
+                                         f"({cfg.lr_lr}), or select.max_start_epoch")
             opt_img.zero_grad(set_to_none=True)
             opt_lr.zero_grad(set_to_none=True)
             loss.backward()
