@@ -13,6 +13,8 @@ Rows are appended to benchmarks/results/select_<part>.csv as they finish (``--re
 skips rows already there); then a table is printed and a plot written.
 
     python benchmarks/select.py --part prune|noise|distill [--seeds 0 1 2] [--quick]
+    python benchmarks/select.py --part distill --methods distribution_matching --csv select_distill_dm.csv \
+        --set distribution_matching.iterations=500      # one method per process, in parallel
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # this script shares its name with the standard library's select module
 
 import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 
 import matplotlib  # noqa: E402
@@ -158,39 +162,68 @@ def noise_part(data, seeds, epochs, resume) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def eval_protocol(epochs: int) -> tuple[FitConfig, object]:
-    """SGD 0.01, momentum 0.9, wd 5e-4, batch 256 and DSA (no flips) when it is available."""
+def eval_protocol(steps: int, n: int) -> tuple[FitConfig, object]:
+    """DM's evaluation protocol (SGD 0.01, momentum 0.9, wd 5e-4, batch 256, DSA without flips)
+    for ``steps`` SGD steps over ``n`` images: DM trains 1,000 epochs, which at IPC ≤ 10 (one
+    batch per epoch) is 1,000 steps; at IPC 50 we keep the steps, not the epochs, equal."""
     from tasks.select import dsa
 
+    epochs = math.ceil(steps / math.ceil(n / 256))
     cfg = FitConfig(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, epochs=epochs, batch_size=256,
                     schedule="cosine")
     return cfg, dsa.batch_augment()
 
 
-def distill_part(data, seeds, ipcs, methods, eval_epochs, iterations, resume) -> pd.DataFrame:
+def distill_part(data, seeds, ipcs, methods, eval_steps, overrides, resume, path) -> pd.DataFrame:
     x, y, *test = data
-    path = OUT / "select_distill.csv"
     rows, done = _done(path, resume)
-    fit_cfg, augment = eval_protocol(eval_epochs)
     for seed in seeds:
         for ipc in ipcs:
-            if ("random_real", float(ipc), seed) not in done:
+            fit_cfg, augment = eval_protocol(eval_steps, 10 * ipc)
+            if "random_real" in methods and ("random_real", float(ipc), seed) not in done:
                 rx, ry = initial_synthetic(x, y, 10, ipc, "real", torch.Generator().manual_seed(seed))
                 _append(path, rows, {"method": "random_real", "budget": ipc, "seed": seed, "select_seconds": 0.0,
+                                     "iterations": 0,
                                      "test_accuracy": train_and_test(rx, ry, test, fit_cfg, seed, augment=augment)})
                 print(rows[-1], flush=True)
             for method in methods:
-                if (method, float(ipc), seed) in done:
+                if method == "random_real" or (method, float(ipc), seed) in done:
                     continue
-                fields = {"ipc": ipc} | ({"iterations": iterations} if iterations else {})
+                cfg = _config(method, seed, ipc=ipc, **overrides.get(method, {}))
                 t0 = time.perf_counter()
-                syn = METHODS[method].select(context(x, y, eval_epochs, seed), _config(method, seed, **fields))
+                syn = METHODS[method].select(context(x, y, fit_cfg.epochs, seed), cfg)
                 select_s = time.perf_counter() - t0
                 acc = train_and_test(syn.images.detach(), syn.labels, test, fit_cfg, seed, augment=augment)
                 _append(path, rows, {"method": method, "budget": ipc, "seed": seed, "select_seconds": select_s,
-                                     "test_accuracy": acc})
+                                     "iterations": cfg.iterations, "test_accuracy": acc})
                 print(rows[-1], flush=True)
     return pd.DataFrame(rows)
+
+
+def parse_overrides(items: list[str], methods: list[str], iterations: int | None) -> dict[str, dict]:
+    """``["gradient_matching.iterations=20"]`` -> {"gradient_matching": {"iterations": 20}}; values are
+    parsed as JSON where they can be (numbers, booleans), else kept as strings."""
+    out: dict[str, dict] = {m: ({"iterations": iterations} if iterations else {}) for m in methods}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, field = key.partition(".")
+        if not (sep and dot) or method not in DISTILLERS:
+            raise SystemExit(f"--set {item!r}: expected METHOD.FIELD=VALUE with METHOD one of {', '.join(DISTILLERS)}")
+        if field not in METHODS[method].config.model_fields:
+            raise SystemExit(f"--set {item!r}: {method} has no setting {field!r}; valid: "
+                             f"{', '.join(METHODS[method].config.model_fields)}")
+        try:
+            out.setdefault(method, {})[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(method, {})[field] = value
+    return out
+
+
+def _iterations(df: pd.DataFrame, method: str, budget: float) -> str:
+    if "iterations" not in df:
+        return ""
+    values = df[(df.method == method) & (df.budget == budget)]["iterations"].dropna().unique()
+    return "/".join(str(int(v)) for v in sorted(values))
 
 
 def summarize(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
@@ -227,15 +260,19 @@ def main() -> None:
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 50])
     ap.add_argument("--methods", nargs="+")
     ap.add_argument("--epochs", type=int, default=10, help="training epochs over the kept set (prune, noise)")
-    ap.add_argument("--eval-epochs", type=int, default=300, help="epochs over a synthetic / random real set")
-    ap.add_argument("--iterations", type=int, help="override the distillation iterations")
+    ap.add_argument("--eval-steps", type=int, default=1000, help="SGD steps on a synthetic / random real set")
+    ap.add_argument("--iterations", type=int, help="override the distillation iterations of every method")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                    help="override one distillation setting, e.g. gradient_matching.iterations=20 (repeatable)")
+    ap.add_argument("--csv", help="results file name under benchmarks/results (default select_<part>.csv); "
+                                  "runs in parallel write separate files, the table reads all select_distill*.csv")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--resume", action="store_true", help="keep rows already in the CSV")
     ap.add_argument("--quick", action="store_true", help="one seed, fewer budgets: a smoke run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.seeds, args.fractions, args.ipcs, args.epochs, args.eval_epochs = [0], [0.1, 1.0], [1], 2, 50
+        args.seeds, args.fractions, args.ipcs, args.epochs, args.eval_steps = [0], [0.1, 1.0], [1], 2, 50
         args.iterations = args.iterations or 20
     OUT.mkdir(parents=True, exist_ok=True)
     data = load_mnist5k()
@@ -248,9 +285,17 @@ def main() -> None:
         df = noise_part(data, args.seeds, args.epochs, args.resume)
         table = df.groupby("method")[["flipped_in_top", "test_accuracy"]].agg(["mean", "std"]).mul(100).round(2)
     else:
-        df = distill_part(data, args.seeds, args.ipcs, args.methods or DISTILLERS, args.eval_epochs,
-                          args.iterations, args.resume)
+        methods = args.methods or ["random_real", *DISTILLERS]
+        unknown = sorted(set(methods) - {"random_real", *DISTILLERS})
+        if unknown:
+            raise SystemExit(f"--methods: unknown {', '.join(unknown)}; valid: random_real, {', '.join(DISTILLERS)}")
+        overrides = parse_overrides(args.overrides, [m for m in methods if m != "random_real"], args.iterations)
+        distill_part(data, args.seeds, args.ipcs, methods, args.eval_steps, overrides, args.resume,
+                     OUT / (args.csv or "select_distill.csv"))
+        df = pd.concat([pd.read_csv(f) for f in sorted(OUT.glob("select_distill*.csv"))], ignore_index=True)
+        df = df.drop_duplicates(["method", "budget", "seed"], keep="last")
         table = summarize(df, "random_real")
+        table["iterations"] = table.apply(lambda r: _iterations(df, r.method, r.budget), axis=1)
         plot(table, OUT / "select_distill.png", "images per class", log_x=True)
     print(table.to_string())
 

@@ -36,7 +36,8 @@ class DistributionMatchingConfig(BaseModel):
     method: Literal["distribution_matching"] = "distribution_matching"
     ipc: int = Field(default=10, ge=1, description="synthetic images per class")
     iterations: int = Field(default=1000, ge=1, description="steps on S, one fresh random embedding each")
-    lr_img: float = Field(default=1.0, gt=0, description="SGD step size on the synthetic pixels")
+    lr_img: float | None = Field(default=None, gt=0,
+                                 description="SGD step size on the synthetic pixels (in [0, 1]); None = min(0.1·ipc, 1)")
     momentum: float = Field(default=0.5, ge=0, lt=1, description="SGD momentum on the synthetic pixels")
     real_batch: int = Field(default=256, ge=1, description="real examples per class in each step")
     dsa: bool = Field(default=True, description="differentiable siamese augmentation (4-D images only)")
@@ -45,6 +46,14 @@ class DistributionMatchingConfig(BaseModel):
     init: SyntheticInit = Field(default="real", description="random real images, or k-means representatives")
     clamp: bool = Field(default=True, description="keep S within the real data's value range after each step")
     seed: int = 0
+
+
+def image_step(cfg: DistributionMatchingConfig) -> float:
+    """The pixel step size. The paper's 1.0 is for normalised images; on pixels in [0, 1] and
+    one image per class it drives S to noise (MNIST-5k, IPC 1, 1,000 steps: 21% test accuracy
+    against 82% at 0.1). The class mean spreads the gradient over ipc images, so each image's
+    gradient shrinks as 1/ipc: the default grows with ipc up to the paper's 1.0 (94% at IPC 10)."""
+    return cfg.lr_img if cfg.lr_img is not None else min(0.1 * cfg.ipc, 1.0)
 
 
 def mean_embedding_distance(embed: nn.Module, real: Tensor, syn: Tensor) -> Tensor:
@@ -73,7 +82,7 @@ def distill_distribution(x: Tensor, y: Tensor, num_classes: int, make_embedding:
     g_nets, g_aug = derive_generator(g), derive_generator(g)
     images, labels = initial_synthetic(x, y, num_classes, cfg.ipc, cfg.init, g)
     syn = images.float().requires_grad_(True)
-    opt = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum)
+    opt = torch.optim.SGD([syn], lr=image_step(cfg), momentum=cfg.momentum)
     members = class_members(y, num_classes)
     bounds = (x.min().item(), x.max().item())
     history: list[float] = []
