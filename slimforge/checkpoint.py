@@ -14,7 +14,16 @@ import torch
 from pydantic import TypeAdapter
 from torch import Tensor
 
-from slimforge.artifacts import META, WEIGHTS, ArtifactError, load_tensors, read_meta, save_tensors, write_meta
+from slimforge import sparse_format
+from slimforge.artifacts import (
+    META,
+    WEIGHTS,
+    ArtifactError,
+    load_tensors,
+    read_meta,
+    save_tensors,
+    write_meta,
+)
 from slimforge.models import Classifier, ModelConfig, build_model
 
 _MODEL_CONFIG = TypeAdapter(ModelConfig)
@@ -25,15 +34,33 @@ def model_spec(model_config, input_shape, num_classes: int) -> dict:
             "num_classes": int(num_classes)}
 
 
+def spec_config(spec: dict):
+    """The architecture config (CNNConfig, MLPConfig, ViTConfig) a model spec names."""
+    return _MODEL_CONFIG.validate_python(spec["config"])
+
+
 def build_from_spec(spec: dict) -> Classifier:
-    cfg = _MODEL_CONFIG.validate_python(spec["config"])
-    return build_model(cfg, tuple(spec["input_shape"]), spec["num_classes"])
+    """The module a spec describes; a ``low_rank`` entry ({layer: rank}, written by the prune
+    stage's svd) replaces those layers by their two-factor form before weights are loaded."""
+    model = build_model(spec_config(spec), tuple(spec["input_shape"]), spec["num_classes"])
+    if spec.get("low_rank"):
+        from tasks.prune.lowrank import (
+            factorize_with_ranks,  # the prune stage owns the factor layers
+        )
+
+        factorize_with_ranks(model, spec["low_rank"])
+    return model
 
 
 def save_model(directory: Path, tensors: dict[str, Tensor], spec: dict, **meta) -> dict:
-    """Write weights + meta.json into ``directory`` (the caller makes it atomic)."""
+    """Write weights + meta.json into ``directory`` (the caller makes it atomic). With
+    ``format="sparse"`` the tensors are stored as bitmask + values where that is smaller
+    (``slimforge.sparse_format``), so the file shrinks with sparsity."""
+    fmt = meta.pop("format", "dense")
+    extra = {"model": spec, "format": fmt, **meta.pop("extra", {})}
+    if fmt == "sparse":
+        tensors, extra["sparse_layout"] = sparse_format.encode(tensors)
     save_tensors(Path(directory) / WEIGHTS, tensors)
-    extra = {"model": spec, "format": meta.pop("format", "dense"), **meta.pop("extra", {})}
     return write_meta(directory, extra=extra, **meta)
 
 
@@ -57,13 +84,18 @@ def check_state(where: str | Path, expected: dict[str, Tensor], got: dict[str, T
 
 
 def load_model(directory: Path) -> Classifier:
-    """A dense single-head model artifact as a module in eval mode."""
+    """A dense (or sparse-stored) single-head model artifact as a module in eval mode."""
     directory = Path(directory)
     meta = read_meta(directory)
-    if meta.get("format", "dense") != "dense":
-        raise ArtifactError(f"{directory / META}: format {meta.get('format')!r} is not a dense model")
+    if meta.get("format", "dense") not in ("dense", "sparse"):
+        raise ArtifactError(f"{directory / META}: format {meta.get('format')!r} is not a dense or sparse model")
     model = build_from_spec(meta["model"])
     tensors = load_tensors(directory / WEIGHTS)
+    if meta.get("format") == "sparse":
+        try:
+            tensors = sparse_format.decode(tensors, meta.get("sparse_layout", {}), str(directory / WEIGHTS))
+        except ValueError as e:
+            raise ArtifactError(str(e)) from None
     expected = model.state_dict()
     check_state(directory / WEIGHTS, expected, tensors)
     model.load_state_dict(tensors)

@@ -17,6 +17,8 @@ from tasks.evaluate.config import EvaluateConfig
 from tasks.finetune.config import FinetuneConfig
 from tasks.ingest.config import IngestConfig
 from tasks.merge.task_arithmetic import TaskArithmeticConfig
+from tasks.prune import METHODS as PRUNE_METHODS
+from tasks.prune import PruneConfig
 from tasks.prune.magnitude import MagnitudeConfig
 from tasks.quantize.config import QuantizeConfig
 from tasks.select import METHODS as SELECT_METHODS
@@ -33,7 +35,7 @@ class Params(BaseModel):
     select: SelectConfig = Field(default_factory=RandomConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    prune: MagnitudeConfig = Field(default_factory=MagnitudeConfig)
+    prune: PruneConfig = Field(default_factory=MagnitudeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     merge: TaskArithmeticConfig = Field(default_factory=TaskArithmeticConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -55,7 +57,7 @@ def _format(source: str, err: ValidationError) -> str:
 
 # Discriminated unions add the tag to the error location (select.random.keep_fraction);
 # drop it so the path is the one the user wrote (select.keep_fraction).
-_UNION_TAGS = {*SELECT_METHODS, "mlp", "cnn", "vit", *INIT_SCHEMES}
+_UNION_TAGS = {*SELECT_METHODS, *PRUNE_METHODS, "mlp", "cnn", "vit", *INIT_SCHEMES}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,5 +1,57 @@
-"""prune: make the trained model sparse (global/layer magnitude pruning + recovery)."""
+"""prune: make the trained model sparse, structurally smaller or low-rank.
 
-from tasks.prune.magnitude import MagnitudeConfig, apply_masks, magnitude_masks, prunable
+The registry below is the one place a ``prune.method`` name is resolved. Each entry is
+(config class, function(ctx: PruneContext, cfg) -> Pruned); the stage runs recovery and
+writes the artifact (sparse-stored when the result is masked).
+"""
 
-__all__ = ["MagnitudeConfig", "apply_masks", "magnitude_masks", "prunable"]
+from collections.abc import Callable
+from typing import Annotated, NamedTuple, Union
+
+from pydantic import BaseModel, Discriminator, Tag
+
+from tasks.prune.channel import ChannelConfig, prune_channel
+from tasks.prune.gradual import GradualConfig, prune_gradual
+from tasks.prune.imp import ImpConfig, prune_imp
+from tasks.prune.layer_adaptive import LayerAdaptiveConfig, prune_layer_adaptive
+from tasks.prune.lowrank import SvdConfig, prune_svd
+from tasks.prune.magnitude import (
+    MagnitudeConfig,
+    apply_masks,
+    magnitude_masks,
+    prunable,
+    prune_magnitude,
+)
+from tasks.prune.nm import NmConfig, prune_nm
+from tasks.prune.random import RandomConfig, prune_random
+
+
+class Method(NamedTuple):
+    config: type[BaseModel]
+    prune: Callable
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method(MagnitudeConfig, prune_magnitude),
+    "random": Method(RandomConfig, prune_random),
+    "imp": Method(ImpConfig, prune_imp),
+    "gmp": Method(GradualConfig, prune_gradual),
+    "granet": Method(GradualConfig, prune_gradual),
+    "layer_adaptive": Method(LayerAdaptiveConfig, prune_layer_adaptive),
+    "nm": Method(NmConfig, prune_nm),
+    "channel": Method(ChannelConfig, prune_channel),
+    "svd": Method(SvdConfig, prune_svd),
+}
+
+DEFAULT_METHOD = "magnitude"
+
+
+def _method_of(value) -> str:
+    """The union's tag: a section that names no method is a magnitude one."""
+    return value.get("method", DEFAULT_METHOD) if isinstance(value, dict) else value.method
+
+
+PruneConfig = Annotated[Union[tuple(Annotated[m.config, Tag(name)] for name, m in METHODS.items())],  # noqa: UP007
+                        Discriminator(_method_of)]
+
+__all__ = ["METHODS", "MagnitudeConfig", "Method", "PruneConfig", "apply_masks", "magnitude_masks", "prunable"]

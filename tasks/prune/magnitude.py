@@ -11,29 +11,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
-from slimforge.training import FitConfig
-from tasks.select.output import DataSource
+__all__ = ["MagnitudeConfig", "apply_masks", "magnitude_masks", "prunable", "prune_magnitude"]
+
+from tasks.prune.common import PruneBase, PruneContext, Pruned, prunable
 
 
-class MagnitudeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MagnitudeConfig(PruneBase):
     method: Literal["magnitude"] = "magnitude"
     sparsity: float = Field(default=0.8, ge=0, lt=1, description="share of prunable weights set to zero")
     scope: Literal["global", "layer"] = "global"
-    recovery: FitConfig = Field(default_factory=lambda: FitConfig(lr=5e-4, epochs=2),
-                                description="masked fine-tune after pruning")
-    recovery_data: DataSource = Field(default_factory=DataSource,
-                                      description="what the masked fine-tune trains on (e.g. the select stage's coreset)")
-    seed: int = 0
-
-
-def prunable(model: nn.Module) -> dict[str, Tensor]:
-    """name -> weight of every Linear / Conv2d layer (the tensors pruning may zero)."""
-    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
 def _keep_top(scores: Tensor, keep: int) -> Tensor:
@@ -63,3 +52,9 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         params[name].mul_(mask)
+
+
+def prune_magnitude(ctx: PruneContext, cfg: MagnitudeConfig) -> Pruned:
+    masks = magnitude_masks(prunable(ctx.model), cfg.sparsity, cfg.scope)
+    apply_masks(ctx.model, masks)
+    return Pruned(ctx.model, masks)

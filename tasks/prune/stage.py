@@ -1,36 +1,77 @@
-"""prune stage runner: magnitude masks on the trained base, then a masked fine-tune."""
+"""prune stage runner: the chosen method on the trained base, recovery, a sparse-stored artifact.
+
+A masked result is written in the sparse format (bitmask + kept values), so the file shrinks
+with sparsity; a structured result is a smaller dense model whose config replaces the base's
+in the artifact's model spec; a low-rank result records its ranks in that spec.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from slimforge.artifacts import atomic_dir, read_meta
-from slimforge.checkpoint import load_model, save_model
+from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta
+from slimforge.checkpoint import build_from_spec, load_model, save_model, spec_config
 from slimforge.data import load_dataset
 from slimforge.training import accuracy, fit
-from tasks.prune.magnitude import apply_masks, magnitude_masks, prunable
+from tasks.prune import METHODS
+from tasks.prune.common import PruneContext, Pruned, perp_parameters, sparsity_report
 from tasks.select.output import named_set
+from tasks.train.init import hold_masks, initialize
 
 
 def run(params, ws, fanout=None) -> dict:
     cfg = params.prune
     ds = load_dataset(ws.artifact("ingest"))
+    spec = read_meta(ws.artifact("train"))["model"]
     model = load_model(ws.artifact("train"))
-    masks = magnitude_masks(prunable(model), cfg.sparsity, cfg.scope)
-    apply_masks(model, masks)
-    val_before = accuracy(model, *ds.part("val"))
+    val = ds.part("val")
+    dense_val = accuracy(model, *val)
     g = torch.Generator().manual_seed(cfg.seed)
-    x, y = named_set(cfg.recovery_data, ws.artifact("select"), ds, g)
-    fit(model, x, y, cfg.recovery, g, after_step=lambda m: apply_masks(m, masks), label="prune recovery")
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
+    x, y = ds.part("train")
+    ctx = PruneContext(model, spec_config(spec), tuple(spec["input_shape"]),
+                       spec["num_classes"], x, y, g, initial_model=lambda: _initial_model(params, spec, ws))
+    result = METHODS[cfg.method].prune(ctx, cfg)
+    val_before = accuracy(result.model, *val)
+    rx, ry = named_set(cfg.recovery_data, ws.artifact("select"), ds, g)
+    recover(result, cfg, rx, ry, g)
+    spec = _result_spec(spec, result)
     with atomic_dir(ws.artifact("prune")) as d:
-        save_model(d, model.state_dict(), read_meta(ws.artifact("train"))["model"], root=ws.root, stage="prune",
-                   method=cfg.method, config=cfg.model_dump(mode="json"), seed=cfg.seed,
-                   parents=_parents(ws, cfg))
-    return {"method": cfg.method, "sparsity": round(1 - kept / total, 6), "recovery_examples": len(y),
-            "val_accuracy_before_recovery": round(val_before, 6),
-            "val_accuracy": round(accuracy(model, *ds.part("val")), 6)}
+        save_model(d, result.model.state_dict(), spec, root=ws.root, stage="prune", method=cfg.method,
+                   config=cfg.model_dump(mode="json"), seed=cfg.seed, parents=_parents(ws, cfg),
+                   format="sparse" if result.masks else "dense")
+        stored = (d / WEIGHTS).stat().st_size
+    return {"method": cfg.method, **sparsity_report(result.model, result.masks), **result.report,
+            "bytes": stored, "dense_bytes": (ws.artifact("train") / WEIGHTS).stat().st_size,
+            "recovery_examples": 0 if cfg.recovery_params == "none" else len(ry),
+            "val_accuracy_dense": round(dense_val, 6), "val_accuracy_before_recovery": round(val_before, 6),
+            "val_accuracy": round(accuracy(result.model, *val), 6)}
+
+
+def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:
+    """Fine-tune after pruning: every parameter with the mask held, or PERP's biases/norms."""
+    if cfg.recovery_params == "none":
+        return
+    params = perp_parameters(result.model) if cfg.recovery_params == "perp" else None
+    fit(result.model, x, y, cfg.recovery, g, params=params, after_step=hold_masks(result.masks or {}),
+        label=f"prune recovery ({cfg.recovery_params})")
+
+
+def _result_spec(spec: dict, result: Pruned) -> dict:
+    spec = dict(spec)
+    if result.model_config is not None:
+        spec["config"] = result.model_config.model_dump(mode="json")
+    if result.ranks:
+        spec["low_rank"] = dict(sorted(result.ranks.items()))
+    return spec
+
+
+def _initial_model(params, spec: dict, ws) -> tuple[torch.nn.Module, torch.Generator]:
+    """The base at its initialisation, redrawn exactly as the train stage drew it (same seed),
+    and that generator after the draw, as the train stage went on to use it."""
+    g = torch.Generator().manual_seed(params.train.seed)
+    model = build_from_spec(spec)
+    initialize(model, params.train.init, g, root=ws.root)
+    return model, g
 
 
 def _parents(ws, cfg) -> dict:

@@ -1,0 +1,95 @@
+"""What every prune method shares: the recovery settings, the context a method is given and
+the result it returns.
+
+Recovery (``recovery_params``) after pruning:
+  all   a masked fine-tune of every parameter (pruned weights held at zero after each step);
+  perp  PERP, "Parameter-Efficient Retraining after Pruning" (Zimmer et al., 2023): retrain only
+        the biases and normalisation parameters, which the paper finds recovers most of the
+        accuracy at a fraction of the trainable parameters; the weights keep their mask
+        trivially, since they do not move;
+  none  keep the pruned weights as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from slimforge.training import FitConfig
+from tasks.select.output import DataSource
+
+
+class PruneBase(BaseModel):
+    """Fields every ``prune.method`` config has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recovery: FitConfig = Field(default_factory=lambda: FitConfig(lr=5e-4, epochs=2),
+                                description="fine-tune after pruning")
+    recovery_params: Literal["all", "perp", "none"] = Field(
+        default="all", description="all = masked full fine-tune; perp = biases and norms only; none = no recovery")
+    recovery_data: DataSource = Field(default_factory=DataSource,
+                                      description="what recovery trains on (e.g. the select stage's coreset)")
+    seed: int = 0
+
+
+@dataclass
+class PruneContext:
+    """What a method may use: the trained ``model`` (a private copy it may change), its
+    architecture, the training set (x, y) and ``initial_model()``: the
+    base at its initialisation with the train stage's generator right after drawing it."""
+
+    model: nn.Module
+    model_config: BaseModel  # the base's architecture config (CNNConfig, MLPConfig, ViTConfig)
+    input_shape: tuple[int, ...]
+    num_classes: int
+    x: Tensor
+    y: Tensor
+    generator: torch.Generator
+    initial_model: Callable[[], tuple[nn.Module, torch.Generator]] | None = None
+
+
+@dataclass
+class Pruned:
+    """A method's result: the pruned module, its keep-masks (None for dense structured or
+    low-rank results), a replacement model config for a physically smaller model, low-rank
+    ranks, and a report of method-specific figures for the metrics."""
+
+    model: nn.Module
+    masks: dict[str, Tensor] | None = None
+    model_config: BaseModel | None = None
+    ranks: dict[str, int] | None = None
+    report: dict = field(default_factory=dict)
+
+
+def prunable(model: nn.Module) -> dict[str, Tensor]:
+    """name -> weight of every Linear / Conv2d layer (the tensors pruning may zero)."""
+    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def perp_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """PERP's trainable set: every bias and every normalisation layer's parameters."""
+    norms = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
+    out = [p for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)]
+    seen = {id(p) for p in out}
+    out += [p for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in seen]
+    return out
+
+
+def sparsity_report(model: nn.Module, masks: dict[str, Tensor] | None) -> dict:
+    """Zeros as a share of the prunable weights (Linear/Conv weights) and of all parameters."""
+    weights = prunable(model)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    all_total = sum(p.numel() for p in model.parameters())
+    out = {"sparsity": round(zeros / max(total, 1), 6), "sparsity_all_params": round(all_zeros / all_total, 6),
+           "parameters": all_total}
+    if masks is not None:
+        out["masked_layers"] = len(masks)
+    return out

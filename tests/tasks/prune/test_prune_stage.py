@@ -1,0 +1,108 @@
+"""The prune stage end to end on digits for every registered method: the artifact loads back
+(sparse-stored, structurally smaller or factorized) and gives the model the stage measured."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimforge.artifacts import WEIGHTS, read_meta
+from slimforge.checkpoint import load_any, load_model
+from slimforge.config import dump_params, validate_params
+from slimforge.data import load_dataset
+from slimforge.training import accuracy
+from slimforge.workspace import Workspace
+from tasks.ingest.stage import run as run_ingest
+from tasks.prune import METHODS
+from tasks.prune.stage import run as run_prune
+from tasks.select.stage import run as run_select
+from tasks.train.stage import run as run_train
+
+BASE = {"ingest": {"dataset": "digits", "max_examples": 600},
+        "train": {"model": {"arch": "cnn", "channels": [8, 16], "hidden": 32}, "epochs": 3, "batch_size": 64}}
+QUICK = {"epochs": 1, "batch_size": 64}
+TINY = {
+    "magnitude": {"sparsity": 0.9},
+    "imp": {"sparsity": 0.5, "rate": 0.5, "training": QUICK, "rewind_steps": 2},
+    "gmp": {"final_sparsity": 0.9, "training": {"epochs": 2, "batch_size": 64}, "end_epoch": 1, "prune_every": 2},
+    "granet": {"final_sparsity": 0.9, "training": {"epochs": 2, "batch_size": 64}, "end_epoch": 1, "prune_every": 2},
+    "random": {"sparsity": 0.9},
+    "layer_adaptive": {"sparsity": 0.7, "grid_step": 0.1, "unit": 0.05, "calibration_size": 64},
+    "nm": {"n": 2, "m": 4},
+    "channel": {"keep_fraction": 0.5},
+    "svd": {"ratio": 0.25},
+}
+
+
+def _params(root: Path, **sections):
+    params = validate_params({**BASE, **sections}, "test")
+    (root / "params.yaml").write_text(dump_params(params))
+    return params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    params = _params(root)
+    ws = Workspace(root)
+    for run in (run_ingest, run_select, run_train):
+        run(params, ws)
+    return root
+
+
+@pytest.fixture
+def ws(trained, tmp_path) -> Workspace:
+    shutil.copytree(trained, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")
+
+
+def test_every_method_has_tiny_settings():
+    assert set(TINY) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_stage_writes_an_artifact_that_loads_back_as_the_measured_model(ws, method):
+    if method not in METHODS:
+        pytest.skip(f"{method} is not registered")
+    params = _params(ws.root, prune={"method": method, **TINY[method], "recovery": QUICK})
+    metrics = run_prune(params, ws)
+    model = load_any(ws.artifact("prune"))
+    val = load_dataset(ws.artifact("ingest")).part("val")
+    assert accuracy(model, *val) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    meta = read_meta(ws.artifact("prune"))
+    assert meta["method"] == method and meta["parents"]["base"]["path"] == "artifacts/train"
+    if method in ("magnitude", "random", "gmp", "granet", "imp", "layer_adaptive"):
+        target = TINY[method].get("sparsity", TINY[method].get("final_sparsity"))
+        assert metrics["sparsity"] == pytest.approx(target, abs=1e-3)
+        assert meta["format"] == "sparse"
+    if method == "nm":
+        assert metrics["nm_pattern"] == "2:4" and meta["format"] == "sparse"
+    if method == "channel":
+        assert meta["model"]["config"]["channels"] == [4, 8]
+        assert metrics["parameters"] < sum(p.numel() for p in load_model(ws.artifact("train")).parameters()) / 3
+    if method == "svd":
+        assert meta["model"]["low_rank"] and metrics["ranks"] == meta["model"]["low_rank"]
+
+
+def test_a_90_percent_sparse_file_is_under_a_quarter_of_the_dense_one(ws):
+    params = _params(ws.root, prune={"method": "magnitude", "sparsity": 0.9, "scope": "layer", "recovery": QUICK})
+    metrics = run_prune(params, ws)
+    stored, dense = (ws.artifact(s) / WEIGHTS for s in ("prune", "train"))
+    assert metrics["bytes"] == stored.stat().st_size
+    assert stored.stat().st_size <= 0.25 * dense.stat().st_size, (stored.stat().st_size, dense.stat().st_size)
+
+
+def test_perp_retrains_only_biases_and_keeps_the_mask(ws):
+    params = _params(ws.root, prune={"method": "magnitude", "sparsity": 0.8, "recovery_params": "perp",
+                                     "recovery": {"epochs": 2, "batch_size": 64, "lr": 0.01}})
+    run_prune(params, ws)
+    pruned = load_model(ws.artifact("prune"))
+    base = load_model(ws.artifact("train"))
+    for (name, p), q in zip(pruned.named_parameters(), base.parameters(), strict=True):
+        if name.endswith("weight"):  # the surviving weights are the base's, the rest zero
+            assert torch.all((p == 0) | (p == q)), name
+        else:
+            assert not torch.equal(p, q), f"{name} was not retrained"
