@@ -38,6 +38,8 @@ def run(
     if until is not None and until not in STAGE_NAMES:
         _fail(f"--until: {until!r} is not one of {', '.join(STAGE_NAMES)}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s wait for its ephemeral API is too short on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pipeline import pipeline
 
     timings = pipeline(params_file=str(params), overrides=list(set_), until=until,

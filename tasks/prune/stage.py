@@ -34,7 +34,7 @@ def run(params, ws, fanout=None) -> dict:
     val_before = accuracy(result.model, *val)
     rx, ry = named_set(cfg.recovery_data, ws.artifact("select"), ds, g)
     recover(result, cfg, rx, ry, g)
-    spec = _result_spec(spec, result)
+    spec = result_spec(spec, result)
     with atomic_dir(ws.artifact("prune")) as d:
         save_model(d, result.model.state_dict(), spec, root=ws.root, stage="prune", method=cfg.method,
                    config=cfg.model_dump(mode="json"), seed=cfg.seed, parents=_parents(ws, cfg),
@@ -56,7 +56,7 @@ def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:
         label=f"prune recovery ({cfg.recovery_params})")
 
 
-def _result_spec(spec: dict, result: Pruned) -> dict:
+def result_spec(spec: dict, result: Pruned) -> dict:
     spec = dict(spec)
     if result.model_config is not None:
         spec["config"] = result.model_config.model_dump(mode="json")

@@ -1,0 +1,206 @@
+"""Prune benchmark: every prune method against `random` at the same sparsity, on MNIST-5k.
+
+For the small CNN and the tiny ViT, per seed: train a dense base (AdamW, ``--epochs``), then
+for each method and sparsity prune it through the stage's own registry and recovery, and
+record test accuracy, bytes on disk (the artifact as the stage writes it: sparse-stored when
+masked, smaller when structured, factors when low-rank), CPU latency at batch 1 and 256
+(median of repeats; masked weights run dense, so sparsity alone buys no speed here), and the
+ranks of the low-rank methods. ``nm`` is 50% by construction, ``channel`` runs at keep
+fractions 1 - s for s in {0.5, 0.7}, ``svd`` at ratios 1 - s. Rows go to
+benchmarks/results/prune.csv as they finish (``--resume`` keeps them); then a table and a
+plot (accuracy vs sparsity per method, one panel per model).
+
+    python -m benchmarks.prune [--archs cnn vit] [--seeds 0 1 2] [--sparsities 0.5 0.7 0.8 0.9 0.95]
+                               [--methods magnitude random ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from benchmarks.select import load_mnist5k
+from slimforge.artifacts import WEIGHTS
+from slimforge.checkpoint import load_model, model_spec, save_model
+from slimforge.models import CNNConfig, ViTConfig, build_model
+from slimforge.training import FitConfig, accuracy, fit
+from tasks.prune import METHODS
+from tasks.prune.common import PruneContext, sparsity_report
+from tasks.prune.stage import recover, result_spec
+from tasks.train.init import initialize
+
+OUT = Path(__file__).parent / "results"
+ARCHS = {"cnn": CNNConfig(), "vit": ViTConfig()}
+SPARSE = ["magnitude", "random", "imp", "gmp", "granet", "layer_adaptive"]
+SHAPE, CLASSES = (1, 28, 28), 10
+
+
+def method_config(method: str, sparsity: float, seed: int, epochs: int):
+    """The method's config at this budget, with training runs as long as the base's."""
+    train = {"epochs": epochs, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3}
+    fields = {"magnitude": {"sparsity": sparsity}, "random": {"sparsity": sparsity},
+              "imp": {"sparsity": sparsity, "rate": 0.5, "training": train},
+              "gmp": {"final_sparsity": sparsity, "training": train, "end_epoch": max(1, epochs * 3 // 4),
+                      "prune_every": 20, "start": "trained"},
+              "granet": {"final_sparsity": sparsity, "training": train, "end_epoch": max(1, epochs * 3 // 4),
+                         "prune_every": 20, "start": "trained"},
+              "layer_adaptive": {"sparsity": sparsity},
+              "nm": {}, "channel": {"keep_fraction": 1 - sparsity}, "svd": {"ratio": 1 - sparsity}}[method]
+    recovery = {"epochs": 2, "batch_size": 128, "optimizer": "adamw", "lr": 5e-4}
+    return METHODS[method].config(method=method, seed=seed, recovery=recovery, **fields)
+
+
+def budgets(method: str, sparsities: list[float]) -> list[float]:
+    if method == "nm":
+        return [0.5]
+    if method == "channel":
+        return [s for s in sparsities if s <= 0.7]
+    return sparsities
+
+
+def median_ms(model, x, repeats: int = 20) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(model, spec: dict, masked: bool, test, batch_x) -> dict:
+    """Accuracy, bytes of the stage's artifact, latency at batch 1 and 256."""
+    with tempfile.TemporaryDirectory() as d:
+        save_model(Path(d), model.state_dict(), spec, root=Path(d), stage="prune", method="bench", config={},
+                   seed=0, parents={}, format="sparse" if masked else "dense")
+        size = (Path(d) / WEIGHTS).stat().st_size
+        loaded = load_model(Path(d))  # what a user gets back
+    return {"test_accuracy": accuracy(loaded, *test), "bytes": size,
+            "ms_b1": median_ms(loaded, batch_x[:1]), "ms_b256": median_ms(loaded, batch_x[:256])}
+
+
+def train_base(arch: str, x, y, seed: int, epochs: int):
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(ARCHS[arch], SHAPE, CLASSES)
+    initialize(model, "kaiming", g)
+    init_state = (copy.deepcopy(model.state_dict()), g.get_state())
+    fit(model, x, y, FitConfig(optimizer="adamw", lr=1e-3, epochs=epochs, batch_size=128), g, label=f"{arch} base")
+    return model, init_state
+
+
+def at_init(arch: str, init_state: tuple[dict, torch.Tensor]):
+    """The base at its initialisation, and the generator as the base's training went on with it."""
+    weights, rng = init_state
+    model = build_model(ARCHS[arch], SHAPE, CLASSES)
+    model.load_state_dict(weights)
+    g = torch.Generator()
+    g.set_state(rng)
+    return model, g
+
+
+def run(args) -> pd.DataFrame:
+    x, y, *test = load_mnist5k()
+    path = OUT / "prune.csv"
+    rows = pd.read_csv(path).to_dict("records") if args.resume and path.exists() else []
+    done = {(r["arch"], r["method"], float(r["sparsity_target"]), int(r["seed"])) for r in rows}
+    for arch in args.archs:
+        spec = model_spec(ARCHS[arch], SHAPE, CLASSES)
+        for seed in args.seeds:
+            base, init_state = train_base(arch, x, y, seed, args.epochs)
+            batch_x = x[:256]
+            if (arch, "dense", 0.0, seed) not in done:
+                rows.append({"arch": arch, "method": "dense", "sparsity_target": 0.0, "seed": seed,
+                             **sparsity_report(base, None), **measure(base, spec, False, test, batch_x)})
+            for method in args.methods:
+                if arch == "vit" and method == "channel":
+                    continue  # head pruning is not implemented; channel refuses a ViT
+                for s in budgets(method, args.sparsities):
+                    if (arch, method, float(s), seed) in done:
+                        continue
+                    cfg = method_config(method, s, seed, args.epochs)
+                    g = torch.Generator().manual_seed(seed)
+
+                    ctx = PruneContext(copy.deepcopy(base), ARCHS[arch], SHAPE, CLASSES, x, y, g,
+                                       functools.partial(at_init, arch, init_state))
+                    t0 = time.perf_counter()
+                    result = METHODS[method].prune(ctx, cfg)
+                    recover(result, cfg, x, y, g)
+                    seconds = time.perf_counter() - t0
+                    row = {"arch": arch, "method": method, "sparsity_target": s, "seed": seed, "seconds": seconds,
+                           **sparsity_report(result.model, result.masks),
+                           **measure(result.model, result_spec(spec, result), bool(result.masks), test, batch_x)}
+                    if result.ranks:
+                        row["ranks"] = json.dumps(result.ranks)
+                    rows.append(row)
+                    print({k: row[k] for k in ("arch", "method", "sparsity_target", "seed", "test_accuracy",
+                                               "sparsity", "bytes")}, flush=True)
+                    pd.DataFrame(rows).to_csv(path, index=False)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby(["arch", "method", "sparsity_target"])
+    out = g.agg(acc=("test_accuracy", "mean"), std=("test_accuracy", "std"), n=("seed", "count"),
+                sparsity=("sparsity", "mean"), params=("parameters", "mean"), bytes=("bytes", "mean"),
+                ms_b1=("ms_b1", "median"), ms_b256=("ms_b256", "median")).reset_index()
+    out[["acc", "std"]] *= 100
+    rand = out[out.method == "random"].set_index(["arch", "sparsity_target"])["acc"]
+    out["vs_random"] = [a - rand.get((r, s), float("nan")) for a, r, s in zip(out.acc, out.arch, out.sparsity_target)]
+    return out.round(3)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    archs = sorted(table.arch.unique())
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.5), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        part = table[table.arch == arch]
+        for method, m in part.groupby("method"):
+            ax.errorbar(m["sparsity"], m["acc"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=method)
+        ax.set_title(arch)
+        ax.set_xlabel("sparsity of the prunable weights")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    ap.add_argument("--methods", nargs="+", default=[*SPARSE, "nm", "channel", "svd"], choices=list(METHODS))
+    ap.add_argument("--epochs", type=int, default=8, help="epochs of the dense base (and of imp/gmp/granet runs)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one seed, CNN, two sparsities, 1 epoch: a smoke run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.archs, args.seeds, args.sparsities, args.epochs = ["cnn"], [0], [0.5, 0.9], 1
+    OUT.mkdir(parents=True, exist_ok=True)
+    table = summarize(run(args))
+    plot(table, OUT / "prune.png")
+    pd.set_option("display.width", 200)
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
