@@ -38,9 +38,11 @@ from slimforge.checkpoint import load_model, model_spec, save_model
 from slimforge.models import CNNConfig, ViTConfig, build_model
 from slimforge.training import FitConfig, accuracy, fit
 from tasks.prune import METHODS
-from tasks.prune.common import PruneContext, sparsity_report
+from tasks.prune.channel import slim_config
+from tasks.prune.common import PruneContext, prunable, sparsity_report
+from tasks.prune.magnitude import apply_masks, magnitude_masks
 from tasks.prune.stage import recover, result_spec
-from tasks.train.init import initialize
+from tasks.train.init import hold_masks, initialize
 
 OUT = Path(__file__).parent / "results"
 ARCHS = {"cnn": CNNConfig(), "vit": ViTConfig()}
@@ -94,6 +96,32 @@ def measure(model, spec: dict, masked: bool, test, batch_x) -> dict:
             "ms_b1": median_ms(loaded, batch_x[:1]), "ms_b256": median_ms(loaded, batch_x[:256])}
 
 
+def rethinking_baselines(arch, base, x, y, seed, epochs, sparsities, test, spec) -> list[dict]:
+    """Liu et al., "Rethinking the Value of Network Pruning" (ICLR 2019): the magnitude mask
+    with a fresh random init trained as long as the base (``magnitude_reinit``), and the slim
+    channel architecture trained from scratch (``channel_scratch``)."""
+    rows = []
+    train_cfg = FitConfig(optimizer="adamw", lr=1e-3, epochs=epochs, batch_size=128)
+    for s in sparsities:
+        g = torch.Generator().manual_seed(10_000 + seed)
+        masks = magnitude_masks(prunable(base), s, "global")
+        model = build_model(ARCHS[arch], SHAPE, CLASSES)
+        initialize(model, "kaiming", g)
+        apply_masks(model, masks)
+        fit(model, x, y, train_cfg, g, after_step=hold_masks(masks), label=f"reinit {s}")
+        rows.append({"method": "magnitude_reinit", "sparsity_target": s, "model": model, "masked": True, "spec": spec})
+        if arch == "cnn" and s <= 0.7:
+            slim_cfg = slim_config(ARCHS[arch], 1 - s)
+            model = build_model(slim_cfg, SHAPE, CLASSES)
+            initialize(model, "kaiming", g)
+            fit(model, x, y, train_cfg, g, label=f"scratch {s}")
+            rows.append({"method": "channel_scratch", "sparsity_target": s, "model": model, "masked": False,
+                         "spec": model_spec(slim_cfg, SHAPE, CLASSES)})
+    return [{"arch": arch, "seed": seed, "method": r["method"], "sparsity_target": r["sparsity_target"],
+             **sparsity_report(r["model"], None), **measure(r["model"], r["spec"], r["masked"], test, x[:256])}
+            for r in rows]
+
+
 def train_base(arch: str, x, y, seed: int, epochs: int):
     g = torch.Generator().manual_seed(seed)
     model = build_model(ARCHS[arch], SHAPE, CLASSES)
@@ -126,6 +154,8 @@ def run(args) -> pd.DataFrame:
             if (arch, "dense", 0.0, seed) not in done:
                 rows.append({"arch": arch, "method": "dense", "sparsity_target": 0.0, "seed": seed,
                              **sparsity_report(base, None), **measure(base, spec, False, test, batch_x)})
+            if args.baselines and (arch, "magnitude_reinit", float(args.sparsities[0]), seed) not in done:
+                rows += rethinking_baselines(arch, base, x, y, seed, args.epochs, args.sparsities, test, spec)
             for method in args.methods:
                 if arch == "vit" and method == "channel":
                     continue  # head pruning is not implemented; channel refuses a ViT
@@ -189,6 +219,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=[*SPARSE, "nm", "channel", "svd"], choices=list(METHODS))
     ap.add_argument("--epochs", type=int, default=8, help="epochs of the dense base (and of imp/gmp/granet runs)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-baselines", dest="baselines", action="store_false",
+                    help="skip the Rethinking baselines (random re-init with the mask, slim net from scratch)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one seed, CNN, two sparsities, 1 epoch: a smoke run")
     args = ap.parse_args()
