@@ -143,7 +143,7 @@ def at_init(arch: str, init_state: tuple[dict, torch.Tensor]):
 
 def run(args) -> pd.DataFrame:
     x, y, *test = load_mnist5k()
-    path = OUT / "prune.csv"
+    path = OUT / (args.csv or "prune.csv")
     rows = pd.read_csv(path).to_dict("records") if args.resume and path.exists() else []
     done = {(r["arch"], r["method"], float(r["sparsity_target"]), int(r["seed"])) for r in rows}
     for arch in args.archs:
@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-baselines", dest="baselines", action="store_false",
                     help="skip the Rethinking baselines (random re-init with the mask, slim net from scratch)")
+    ap.add_argument("--csv", help="results file under benchmarks/results (default prune.csv); parallel runs write "
+                                  "separate files, the table reads all prune*.csv")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one seed, CNN, two sparsities, 1 epoch: a smoke run")
     args = ap.parse_args()
@@ -228,7 +230,9 @@ def main() -> None:
     if args.quick:
         args.archs, args.seeds, args.sparsities, args.epochs = ["cnn"], [0], [0.5, 0.9], 1
     OUT.mkdir(parents=True, exist_ok=True)
-    table = summarize(run(args))
+    run(args)
+    df = pd.concat([pd.read_csv(f) for f in sorted(OUT.glob("prune*.csv"))], ignore_index=True)
+    table = summarize(df.drop_duplicates(["arch", "method", "sparsity_target", "seed"], keep="last"))
     plot(table, OUT / "prune.png")
     pd.set_option("display.width", 200)
     print(table.to_string(index=False))
