@@ -9,7 +9,10 @@ from typing import Annotated, NamedTuple, Union
 
 from pydantic import BaseModel, Field
 
-from tasks.select.distribution_matching import DistributionMatchingConfig, select_distribution_matching
+from tasks.select.distribution_matching import (
+    DistributionMatchingConfig,
+    select_distribution_matching,
+)
 from tasks.select.el2n import El2nConfig, select_el2n
 from tasks.select.forgetting import ForgettingConfig, select_forgetting
 from tasks.select.gradient_matching import GradientMatchingConfig, select_gradient_matching

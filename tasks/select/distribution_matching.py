@@ -21,8 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from tasks.select.dsa import DIGIT_STRATEGY, DsaOp, derive_generator, siamese_augment
-from tasks.select.gradient_matching import class_members, keep_in_range, real_batch
+from tasks.select.dsa import DIGIT_STRATEGY, DsaOp, derive_generator
+from tasks.select.gradient_matching import class_batches, class_members, keep_in_range
 from tasks.select.progress import distill_progress
 from tasks.select.selection import SelectContext, Synthetic
 from tasks.select.synthetic_init import SyntheticInit, initial_synthetic
@@ -67,11 +67,7 @@ def matching_loss(embed: nn.Module, x: Tensor, members: list[Tensor], syn: Tenso
                   g_data: torch.Generator, g_aug: torch.Generator) -> Tensor:
     """Σ_c of the class's mean embedding distance, each class under its own siamese augmentation."""
     loss = syn.new_zeros(())
-    for c, idx in enumerate(members):
-        real = real_batch(x, idx, cfg.real_batch, g_data)
-        s = syn[c * cfg.ipc : (c + 1) * cfg.ipc]  # S is grouped by class: (ipc, *input_shape)
-        if cfg.dsa:
-            real, s = siamese_augment(real, s, cfg.dsa_strategy, g_aug)
+    for _, real, s in class_batches(x, members, syn, cfg, g_data, g_aug):
         loss = loss + mean_embedding_distance(embed, real, s)
     return loss
 

@@ -14,6 +14,7 @@ class's real and synthetic batches go through the same sampled augmentation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -98,15 +99,23 @@ def real_batch(x: Tensor, members: Tensor, size: int, g: torch.Generator) -> Ten
     return x[members[torch.randperm(len(members), generator=g)[:size]]]
 
 
-def matching_loss(model: nn.Module, x: Tensor, members: list[Tensor], syn: Tensor, cfg: GradientMatchingConfig,
-                  g_data: torch.Generator, g_aug: torch.Generator) -> Tensor:
-    """Σ_c D(∇θ ℓ(A(S_c)), ∇θ ℓ(A(B_c))) at the model's current θ; differentiable in ``syn``."""
-    loss = syn.new_zeros(())
+def class_batches(x: Tensor, members: list[Tensor], syn: Tensor, cfg, g_data: torch.Generator,
+                  g_aug: torch.Generator) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Per class c: (c, a real batch B_c, S_c), both under one siamese augmentation when cfg.dsa
+    (GM and DM configs share ipc, real_batch, dsa and dsa_strategy)."""
     for c, idx in enumerate(members):
         real = real_batch(x, idx, cfg.real_batch, g_data)
         s = syn[c * cfg.ipc : (c + 1) * cfg.ipc]  # S is grouped by class: (ipc, *input_shape)
         if cfg.dsa:
             real, s = siamese_augment(real, s, cfg.dsa_strategy, g_aug)
+        yield c, real, s
+
+
+def matching_loss(model: nn.Module, x: Tensor, members: list[Tensor], syn: Tensor, cfg: GradientMatchingConfig,
+                  g_data: torch.Generator, g_aug: torch.Generator) -> Tensor:
+    """Σ_c D(∇θ ℓ(A(S_c)), ∇θ ℓ(A(B_c))) at the model's current θ; differentiable in ``syn``."""
+    loss = syn.new_zeros(())
+    for c, real, s in class_batches(x, members, syn, cfg, g_data, g_aug):
         g_real = [t.detach() for t in loss_gradients(model, real, torch.full((len(real),), c))]
         g_syn = loss_gradients(model, s, torch.full((len(s),), c), create_graph=True)
         loss = loss + gradient_distance(g_syn, g_real)

@@ -4,7 +4,6 @@ from itertools import pairwise
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 from slimforge.models import MLPConfig, build_model
@@ -22,24 +21,6 @@ from tasks.prune.imp import MaskHold
 from tasks.prune.magnitude import prunable
 from tasks.train.init import initialize
 from tasks.train.inits.erk import erk_masks, random_mask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~15x faster on one intra-op thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    d = load_digits()
-    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)  # (1797, 64), (1797,)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1200], y[:1200], x[1200:], y[1200:]
 
 
 def _ctx(model, x, y, initial_model=None):
@@ -137,8 +118,8 @@ def test_masked_weights_and_optimizer_state_stay_zero_after_step(make_opt):
     assert (params["0.weight"][~masks["0.weight"]] != 0).any()
 
 
-def test_gmp_reaches_exact_sparsity_on_schedule_and_stays_near_dense(digits):
-    xtr, ytr, xte, yte = digits
+def test_gmp_reaches_exact_sparsity_on_schedule_and_stays_near_dense(digits_split):
+    xtr, ytr, xte, yte = digits_split
     fc = FitConfig(epochs=10, batch_size=64, lr=1e-2)  # 19 steps per epoch
     dense = _mlp(0)
     fit(dense, xtr, ytr, fc, torch.Generator().manual_seed(1))
@@ -157,8 +138,8 @@ def test_gmp_reaches_exact_sparsity_on_schedule_and_stays_near_dense(digits):
     assert accuracy(model, xte, yte) >= accuracy(dense, xte, yte) - 0.04
 
 
-def test_granet_sparse_start_regrows_and_ends_exact(digits):
-    xtr, ytr, xte, yte = digits
+def test_granet_sparse_start_regrows_and_ends_exact(digits_split):
+    xtr, ytr, xte, yte = digits_split
     fc = FitConfig(epochs=4, batch_size=64, lr=1e-2)
     common = {"final_sparsity": 0.8, "initial_density": 0.5, "prune_every": 10, "start_epoch": 1, "end_epoch": 3,
               "training": fc}
@@ -183,8 +164,8 @@ def test_granet_sparse_start_regrows_and_ends_exact(digits):
     assert accuracy(runs["granet"][0], xte, yte) > 0.8
 
 
-def test_bad_windows_are_refused(digits):
-    xtr, ytr, _, _ = digits
+def test_bad_windows_are_refused(digits_split):
+    xtr, ytr, _, _ = digits_split
     with pytest.raises(ValueError, match="end_epoch"):
         GradualConfig(start_epoch=3, end_epoch=3)
     with pytest.raises(ValueError, match="final_sparsity"):
@@ -194,8 +175,8 @@ def test_bad_windows_are_refused(digits):
         train_gradually(_mlp(0), xtr, ytr, cfg, torch.Generator())
 
 
-def test_registry_entry_trains_from_init_or_the_trained_base(digits):
-    xtr, ytr, _, _ = digits
+def test_registry_entry_trains_from_init_or_the_trained_base(digits_split):
+    xtr, ytr, _, _ = digits_split
     fc = FitConfig(epochs=2, batch_size=100, lr=1e-2)  # 12 steps per epoch
     trained = _mlp(0)
     ctx = _ctx(trained, xtr, ytr, initial_model=lambda: (_mlp(5), torch.Generator()))

@@ -2,7 +2,6 @@ from itertools import pairwise
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from slimforge.models import MLPConfig, build_model
 from slimforge.training import FitConfig, accuracy, fit
@@ -20,24 +19,6 @@ from tasks.prune.imp import (
 from tasks.prune.magnitude import prunable
 from tasks.train.init import initialize
 from tasks.train.inits.erk import random_mask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~15x faster on one intra-op thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    d = load_digits()
-    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)  # (1797, 64), (1797,)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1200], y[:1200], x[1200:], y[1200:]
 
 
 def _ctx(model, x, y, initial_model=None):
@@ -107,8 +88,8 @@ def test_rounds_prune_exact_counts_nested_and_rewind_exactly():
     assert torch.equal(result.masks["head.weight"], seen[-1][0]["head.weight"])
 
 
-def test_rewind_state_lies_on_the_base_trajectory(digits):
-    xtr, ytr, _, _ = digits
+def test_rewind_state_lies_on_the_base_trajectory(digits_split):
+    xtr, ytr, _, _ = digits_split
     cfg = FitConfig(epochs=1, batch_size=100, lr=1e-2)
     init = _mlp(0)
     before = _state(init)
@@ -123,8 +104,8 @@ def test_rewind_state_lies_on_the_base_trajectory(digits):
         rewind_state_after(init, xtr, ytr, cfg, 13, torch.Generator())  # 1 epoch = 12 steps
 
 
-def test_masked_trainer_keeps_pruned_weights_zero(digits):
-    xtr, ytr, _, _ = digits
+def test_masked_trainer_keeps_pruned_weights_zero(digits_split):
+    xtr, ytr, _, _ = digits_split
     model = _mlp(0)
     masks = {n: random_mask(tuple(w.shape), w.numel() // 4, torch.Generator().manual_seed(1))
              for n, w in prunable(model).items()}
@@ -135,8 +116,8 @@ def test_masked_trainer_keeps_pruned_weights_zero(digits):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ticket_beats_random_mask_at_equal_layer_sparsity(digits, seed):
-    xtr, ytr, xte, yte = digits
+def test_ticket_beats_random_mask_at_equal_layer_sparsity(digits_split, seed):
+    xtr, ytr, xte, yte = digits_split
     fc = FitConfig(epochs=4, batch_size=64, lr=1e-2)
     model = _mlp(seed)
     theta = rewind_state_after(model, xtr, ytr, fc, 0, torch.Generator())
@@ -152,8 +133,8 @@ def test_ticket_beats_random_mask_at_equal_layer_sparsity(digits, seed):
     assert ticket >= accuracy(model, xte, yte)
 
 
-def test_registry_entry_returns_an_exact_ticket(digits):
-    xtr, ytr, _, _ = digits
+def test_registry_entry_returns_an_exact_ticket(digits_split):
+    xtr, ytr, _, _ = digits_split
     fc = FitConfig(epochs=1, batch_size=100, lr=1e-2)
     model = _mlp(0)
     fit(model, xtr, ytr, fc, torch.Generator().manual_seed(0))

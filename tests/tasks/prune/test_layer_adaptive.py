@@ -27,16 +27,6 @@ from tasks.prune.magnitude import magnitude_masks, prunable
 from tasks.train.init import initialize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # hundreds of tiny forward passes: a second intra-op thread only adds contention on the
-    # shared 2-core runner (about 4x slower when other jobs run); restored afterwards
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
