@@ -50,7 +50,7 @@ SPARSE = ["magnitude", "random", "imp", "gmp", "granet", "layer_adaptive"]
 SHAPE, CLASSES = (1, 28, 28), 10
 
 
-def method_config(method: str, sparsity: float, seed: int, epochs: int):
+def method_config(method: str, sparsity: float, seed: int, epochs: int, recovery: dict | None = None):
     """The method's config at this budget, with training runs as long as the base's."""
     train = {"epochs": epochs, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3}
     fields = {"magnitude": {"sparsity": sparsity}, "random": {"sparsity": sparsity},
@@ -61,7 +61,7 @@ def method_config(method: str, sparsity: float, seed: int, epochs: int):
                          "prune_every": 20, "start": "trained"},
               "layer_adaptive": {"sparsity": sparsity},
               "nm": {}, "channel": {"keep_fraction": 1 - sparsity}, "svd": {"ratio": 1 - sparsity}}[method]
-    recovery = {"epochs": 2, "batch_size": 128, "optimizer": "adamw", "lr": 5e-4}
+    recovery = recovery or {"epochs": 2, "batch_size": 128, "optimizer": "adamw", "lr": 5e-4}
     return METHODS[method].config(method=method, seed=seed, recovery=recovery, **fields)
 
 
@@ -162,7 +162,9 @@ def run(args) -> pd.DataFrame:
                 for s in budgets(method, args.sparsities):
                     if (arch, method, float(s), seed) in done:
                         continue
-                    cfg = method_config(method, s, seed, args.epochs)
+                    cfg = method_config(method, s, seed, args.epochs,
+                                        {"epochs": args.recovery_epochs, "batch_size": 128, "optimizer": "adamw",
+                                         "lr": args.recovery_lr})
                     g = torch.Generator().manual_seed(seed)
 
                     ctx = PruneContext(copy.deepcopy(base), ARCHS[arch], SHAPE, CLASSES, x, y, g,
@@ -218,6 +220,8 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
     ap.add_argument("--methods", nargs="+", default=[*SPARSE, "nm", "channel", "svd"], choices=list(METHODS))
     ap.add_argument("--epochs", type=int, default=8, help="epochs of the dense base (and of imp/gmp/granet runs)")
+    ap.add_argument("--recovery-epochs", type=int, default=2, help="AdamW epochs of recovery after pruning")
+    ap.add_argument("--recovery-lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-baselines", dest="baselines", action="store_false",
                     help="skip the Rethinking baselines (random re-init with the mask, slim net from scratch)")
