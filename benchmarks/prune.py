@@ -202,10 +202,12 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.5), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         part = table[table.arch == arch]
-        for method, m in part.groupby("method"):
-            ax.errorbar(m["sparsity"], m["acc"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=method)
+        for i, (method, m) in enumerate(part.groupby("method")):
+            style = "--" if method in ("channel", "channel_scratch", "svd", "magnitude_reinit") else "-"
+            ax.errorbar(m["sparsity_target"], m["acc"], yerr=m["std"].fillna(0), marker="os^D"[i % 4], ls=style,
+                        capsize=3, color=plt.cm.tab20(i % 20), label=method)
         ax.set_title(arch)
-        ax.set_xlabel("sparsity of the prunable weights")
+        ax.set_xlabel("target sparsity (channel: 1 − keep fraction; svd: 1 − rank ratio)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
