@@ -20,7 +20,6 @@ import argparse
 import copy
 import functools
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from slimforge.artifacts import WEIGHTS
 from slimforge.checkpoint import load_model, model_spec, save_model
 from slimforge.models import CNNConfig, ViTConfig, build_model
 from slimforge.training import FitConfig, accuracy, fit
+from tasks.evaluate.harness import latency_ms
 from tasks.prune import METHODS
 from tasks.prune.channel import slim_config
 from tasks.prune.common import PruneContext, prunable, sparsity_report
@@ -73,27 +73,16 @@ def budgets(method: str, sparsities: list[float]) -> list[float]:
     return sparsities
 
 
-def median_ms(model, x, repeats: int = 20) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def measure(model, spec: dict, masked: bool, test, batch_x) -> dict:
-    """Accuracy, bytes of the stage's artifact, latency at batch 1 and 256."""
+def measure(model, spec: dict, masked: bool, test) -> dict:
+    """Accuracy, bytes of the stage's artifact, and the evaluate harness's latency at batch 1 and 256."""
     with tempfile.TemporaryDirectory() as d:
         save_model(Path(d), model.state_dict(), spec, root=Path(d), stage="prune", method="bench", config={},
                    seed=0, parents={}, format="sparse" if masked else "dense")
         size = (Path(d) / WEIGHTS).stat().st_size
         loaded = load_model(Path(d))  # what a user gets back
     return {"test_accuracy": accuracy(loaded, *test), "bytes": size,
-            "ms_b1": median_ms(loaded, batch_x[:1]), "ms_b256": median_ms(loaded, batch_x[:256])}
+            **{f"ms_b{b}": latency_ms(loaded, SHAPE, b, repeats=20, warmup=3, generator=torch.Generator().manual_seed(0))
+               for b in (1, 256)}}
 
 
 def rethinking_baselines(arch, base, x, y, seed, epochs, sparsities, test, spec) -> list[dict]:
@@ -118,7 +107,7 @@ def rethinking_baselines(arch, base, x, y, seed, epochs, sparsities, test, spec)
             rows.append({"method": "channel_scratch", "sparsity_target": s, "model": model, "masked": False,
                          "spec": model_spec(slim_cfg, SHAPE, CLASSES)})
     return [{"arch": arch, "seed": seed, "method": r["method"], "sparsity_target": r["sparsity_target"],
-             **sparsity_report(r["model"], None), **measure(r["model"], r["spec"], r["masked"], test, x[:256])}
+             **sparsity_report(r["model"], None), **measure(r["model"], r["spec"], r["masked"], test)}
             for r in rows]
 
 
@@ -150,10 +139,9 @@ def run(args) -> pd.DataFrame:
         spec = model_spec(ARCHS[arch], SHAPE, CLASSES)
         for seed in args.seeds:
             base, init_state = train_base(arch, x, y, seed, args.epochs)
-            batch_x = x[:256]
             if (arch, "dense", 0.0, seed) not in done:
                 rows.append({"arch": arch, "method": "dense", "sparsity_target": 0.0, "seed": seed,
-                             **sparsity_report(base, None), **measure(base, spec, False, test, batch_x)})
+                             **sparsity_report(base, None), **measure(base, spec, False, test)})
             if args.baselines and (arch, "magnitude_reinit", float(args.sparsities[0]), seed) not in done:
                 rows += rethinking_baselines(arch, base, x, y, seed, args.epochs, args.sparsities, test, spec)
             for method in args.methods:
@@ -175,7 +163,7 @@ def run(args) -> pd.DataFrame:
                     seconds = time.perf_counter() - t0
                     row = {"arch": arch, "method": method, "sparsity_target": s, "seed": seed, "seconds": seconds,
                            **sparsity_report(result.model, result.masks),
-                           **measure(result.model, result_spec(spec, result), bool(result.masks), test, batch_x)}
+                           **measure(result.model, result_spec(spec, result), bool(result.masks), test)}
                     if result.ranks:
                         row["ranks"] = json.dumps(result.ranks)
                     rows.append(row)

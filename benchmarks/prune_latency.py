@@ -2,8 +2,8 @@
 
 Builds the default CNN (channels [16, 32], hidden 128) for 1x28x28 inputs and 10 classes,
 removes the lowest-L1 half of every backbone layer's channels / units with
-``tasks.prune.channel.prune_channels`` and times both models' forward pass: ms per batch,
-median of repeats after a warm-up, under ``torch.inference_mode``. The pruned model is an
+``tasks.prune.channel.prune_channels`` and times both models' forward pass with the evaluate stage's harness
+(``latency_ms``: median ms of repeats after a warm-up). The pruned model is an
 ordinary dense model of the same family, so the speedup needs no special kernel.
 The target is ≥ 1.6x lower latency at batch 256 with half the channels. Run it as a module
 (``-m``): run by path, benchmarks/select.py would shadow the standard library's ``select``.
@@ -14,30 +14,17 @@ The target is ≥ 1.6x lower latency at batch 256 with half the channels. Run it
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pandas as pd
 import torch
 from torch import nn
 
 from slimforge.models import CNNConfig, build_model
+from tasks.evaluate.harness import latency_ms
 from tasks.prune.channel import ChannelConfig, prune_channels
 from tasks.train.init import initialize
 
 INPUT_SHAPE, CLASSES = (1, 28, 28), 10
-
-
-def median_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int = 5) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def models(keep_fraction: float) -> dict[str, nn.Module]:
@@ -61,13 +48,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     nets = models(args.keep_fraction)
-    g = torch.Generator().manual_seed(1)
     rows = []
     for batch in args.batches:
-        x = torch.randn(batch, *INPUT_SHAPE, generator=g)
         for name, net in nets.items():
+            ms = latency_ms(net, INPUT_SHAPE, batch, args.repeats, warmup=5, generator=torch.Generator().manual_seed(1))
             rows.append({"batch": batch, "model": name, "params": sum(p.numel() for p in net.parameters()),
-                         "ms": round(median_ms(net, x, args.repeats), 3)})
+                         "ms": round(ms, 3)})
     df = pd.DataFrame(rows)
     if args.csv:
         df.to_csv(args.csv, index=False)

@@ -72,6 +72,23 @@ def prunable(model: nn.Module) -> dict[str, Tensor]:
     return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
+def keep_largest(scores: Tensor, keep: int) -> Tensor:
+    """Boolean mask of the ``keep`` largest entries of a flat tensor, ties by lower index."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def split_like(flat: Tensor, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A flat mask over the concatenated weights, cut back into one tensor per weight."""
+    out, start = {}, 0
+    for name, w in weights.items():
+        out[name] = flat[start : start + w.numel()].view(w.shape)
+        start += w.numel()
+    return out
+
+
 def perp_parameters(model: nn.Module) -> list[nn.Parameter]:
     """PERP's trainable set: every bias and every normalisation layer's parameters."""
     norms = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)

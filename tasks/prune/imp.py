@@ -22,6 +22,7 @@ Reconstructed details (not fixed by the papers at this scale):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from slimforge.training import FitConfig, fit
-from tasks.prune.common import PruneBase, PruneContext, Pruned, prunable
+from tasks.prune.common import PruneBase, PruneContext, Pruned, keep_largest, prunable, split_like
 
 # train_round(model, masks) trains ``model`` in place with ``masks`` held; may return losses.
 TrainRound = Callable[[nn.Module, dict[str, Tensor]], list[float] | None]
@@ -93,14 +94,7 @@ def prune_remaining(weights: dict[str, Tensor], masks: dict[str, Tensor], sparsi
     """
     scores = torch.cat([torch.where(masks[n], w.detach().abs(), -1.0).flatten() for n, w in weights.items()])
     keep = min(round((1.0 - sparsity) * len(scores)), int((scores >= 0).sum()))
-    order = torch.argsort(scores, descending=True, stable=True)
-    flat = torch.zeros(len(scores), dtype=torch.bool)
-    flat[order[:keep]] = True
-    out, start = {}, 0
-    for n, w in weights.items():
-        out[n] = flat[start : start + w.numel()].view_as(w)
-        start += w.numel()
-    return out
+    return split_like(keep_largest(scores, keep), weights)
 
 
 @torch.no_grad()
@@ -206,10 +200,8 @@ def rewind_state_after(model_at_init: nn.Module, x: Tensor, y: Tensor, fit_cfg: 
             if done == steps:
                 raise _Stop
 
-        try:
+        with contextlib.suppress(_Stop):
             fit(model, x, y, fit_cfg, generator, after_step=count, label="imp rewind point")
-        except _Stop:
-            pass
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

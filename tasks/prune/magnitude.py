@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 __all__ = ["MagnitudeConfig", "apply_masks", "magnitude_masks", "prunable", "prune_magnitude"]
 
-from tasks.prune.common import PruneBase, PruneContext, Pruned, prunable
+from tasks.prune.common import PruneBase, PruneContext, Pruned, keep_largest, prunable, split_like
 
 
 class MagnitudeConfig(PruneBase):
@@ -25,26 +25,13 @@ class MagnitudeConfig(PruneBase):
     scope: Literal["global", "layer"] = "global"
 
 
-def _keep_top(scores: Tensor, keep: int) -> Tensor:
-    """Boolean mask of the ``keep`` largest entries of a flat tensor, ties by lower index."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    mask = torch.zeros(len(scores), dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask
-
-
 def magnitude_masks(weights: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
     """name -> boolean keep-mask with exactly round((1-s)·n) kept in the scope."""
     if scope == "layer":
-        return {n: _keep_top(w.detach().abs().flatten(), round((1 - sparsity) * w.numel())).view_as(w)
+        return {n: keep_largest(w.detach().abs().flatten(), round((1 - sparsity) * w.numel())).view_as(w)
                 for n, w in weights.items()}
     flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
-    keep = _keep_top(flat, round((1 - sparsity) * len(flat)))
-    masks, start = {}, 0
-    for n, w in weights.items():
-        masks[n] = keep[start : start + w.numel()].view_as(w)
-        start += w.numel()
-    return masks
+    return split_like(keep_largest(flat, round((1 - sparsity) * len(flat))), weights)
 
 
 @torch.no_grad()

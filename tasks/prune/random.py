@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tasks.prune.common import PruneBase, PruneContext, Pruned, prunable
+from tasks.prune.common import PruneBase, PruneContext, Pruned, prunable, split_like
 from tasks.prune.magnitude import apply_masks
 
 
@@ -54,12 +54,7 @@ def random_masks(weights: dict[str, Tensor], sparsity: float, scope: str,
     if scope != "global":
         raise ValueError(f"random: scope {scope!r} is not one of global, layer")
     total = sum(w.numel() for w in weights.values())
-    keep = _random_keep(total, round((1 - sparsity) * total), generator)
-    masks, start = {}, 0
-    for n, w in weights.items():
-        masks[n] = keep[start : start + w.numel()].view(w.shape)
-        start += w.numel()
-    return masks
+    return split_like(_random_keep(total, round((1 - sparsity) * total), generator), weights)
 
 
 def random_like(masks: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:

@@ -15,8 +15,9 @@ from slimforge.data import load_dataset
 from slimforge.training import accuracy, fit
 from tasks.prune import METHODS
 from tasks.prune.common import PruneContext, Pruned, perp_parameters, sparsity_report
+from tasks.prune.magnitude import apply_masks
 from tasks.select.output import named_set
-from tasks.train.init import hold_masks, initialize
+from tasks.train.init import initialize
 
 
 def run(params, ws, fanout=None) -> dict:
@@ -52,8 +53,9 @@ def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:
     if cfg.recovery_params == "none":
         return
     params = perp_parameters(result.model) if cfg.recovery_params == "perp" else None
-    fit(result.model, x, y, cfg.recovery, g, params=params, after_step=hold_masks(result.masks or {}),
-        label=f"prune recovery ({cfg.recovery_params})")
+    masks = result.masks
+    fit(result.model, x, y, cfg.recovery, g, params=params,
+        after_step=(lambda m: apply_masks(m, masks)) if masks else None, label=f"prune recovery ({cfg.recovery_params})")
 
 
 def result_spec(spec: dict, result: Pruned) -> dict:
