@@ -58,12 +58,15 @@ class PruneContext:
 class Pruned:
     """A method's result: the pruned module, its keep-masks (None for dense structured or
     low-rank results), a replacement model config for a physically smaller model, low-rank
-    ranks, and a report of method-specific figures for the metrics."""
+    ranks, the parameter names a method wants recovery to train with ``recovery_params: all``
+    (None = every parameter; WeLore trains only its low-rank factors), and a report of
+    method-specific figures for the metrics."""
 
     model: nn.Module
     masks: dict[str, Tensor] | None = None
     model_config: BaseModel | None = None
     ranks: dict[str, int] | None = None
+    trainable: list[str] | None = None
     report: dict = field(default_factory=dict)
 
 

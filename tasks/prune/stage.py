@@ -52,7 +52,13 @@ def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:
     """Fine-tune after pruning: every parameter with the mask held, or PERP's biases/norms."""
     if cfg.recovery_params == "none":
         return
-    params = perp_parameters(result.model) if cfg.recovery_params == "perp" else None
+    if cfg.recovery_params == "perp":
+        params = perp_parameters(result.model)
+    elif result.trainable is not None:
+        named = dict(result.model.named_parameters())
+        params = [named[n] for n in result.trainable]
+    else:
+        params = None
     masks = result.masks
     fit(result.model, x, y, cfg.recovery, g, params=params,
         after_step=(lambda m: apply_masks(m, masks)) if masks else None, label=f"prune recovery ({cfg.recovery_params})")
