@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from slimforge import PACKAGE_ROOTS
+from slimforge import PACKAGE_ROOTS, REPO_ROOT
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -53,13 +54,33 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def code_version() -> str:
-    """sha256 of the package sources (works without git, identical for both ways in)."""
+def code_version(stage: str | None = None) -> str:
+    """sha256 of the sources a stage's artifact depends on (works without git, identical for
+    both ways in): the code deps dvc.yaml lists for ``stage``, every package if None.
+
+    Hashing exactly what DVC tracks keeps the two in step: a stage DVC skips as unchanged
+    holds a meta.json whose code version is still the current one.
+    """
     h = hashlib.sha256()
-    for root in PACKAGE_ROOTS:
-        for f in sorted(root.rglob("*.py")):
-            h.update(f"{f.relative_to(root.parent).as_posix()}\0".encode() + f.read_bytes())
+    for f in code_files(stage):
+        h.update(f"{f.relative_to(REPO_ROOT).as_posix()}\0".encode() + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def code_files(stage: str | None = None) -> list[Path]:
+    """The .py files under the code deps of ``stage`` in dvc.yaml (all packages if None)."""
+    if stage is None:
+        roots = list(PACKAGE_ROOTS)
+    else:
+        stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+        if stage not in stages:
+            raise ValueError(f"dvc.yaml: no stage {stage!r}; stages: {', '.join(stages)}")
+        roots = [REPO_ROOT / d for d in stages[stage].get("deps", [])
+                 if any((REPO_ROOT / d).is_relative_to(root) for root in PACKAGE_ROOTS)]
+    files = set()
+    for root in roots:
+        files |= {root} if root.is_file() else set(root.rglob("*.py"))
+    return sorted(files)
 
 
 @contextlib.contextmanager
@@ -128,7 +149,7 @@ def write_meta(directory: Path, *, root: Path, stage: str, method: str, config: 
         "method": method,
         "config": config,
         "seed": seed,
-        "code_version": code_version(),
+        "code_version": code_version(stage),
         "parents": {name: _parent(root, p) for name, p in parents.items()},
         **(extra or {}),
     }

@@ -31,7 +31,7 @@ def run_key(cfg, inputs: dict[str, Path]) -> str:
     inputs' content hashes and the code version: what a resumed run must share."""
     blob = {"config": cfg.model_dump(mode="json", exclude=set(CHECKPOINT_FIELDS)),
             "inputs": {name: content_hash(path) for name, path in sorted(inputs.items())},
-            "code_version": artifacts.code_version()}
+            "code_version": artifacts.code_version("train")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

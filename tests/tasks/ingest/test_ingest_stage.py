@@ -21,7 +21,7 @@ FILES = ("data.safetensors", "manifest.csv", "meta.json")
 @pytest.fixture
 def pinned_code_version(monkeypatch):
     """Other engineers edit the tree while tests run; pin the code hash so reruns compare."""
-    monkeypatch.setattr(slimforge.artifacts, "code_version", lambda: "test")
+    monkeypatch.setattr(slimforge.artifacts, "code_version", lambda stage=None: "test")
 
 
 def test_digits_artifact_is_complete(tmp_path, make_params):

@@ -41,7 +41,7 @@ def prepared(tmp_path_factory) -> Path:
 @pytest.fixture
 def pinned_code_version(monkeypatch):
     """Other engineers edit the tree while tests run; pin the code hash so run keys compare."""
-    monkeypatch.setattr(slimforge.artifacts, "code_version", lambda: "test")
+    monkeypatch.setattr(slimforge.artifacts, "code_version", lambda stage=None: "test")
 
 
 def _params(root: Path, train: dict):
