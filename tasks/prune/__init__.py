@@ -12,6 +12,7 @@ from pydantic import BaseModel, Discriminator, Tag
 
 from tasks.prune.channel import ChannelConfig, prune_channel
 from tasks.prune.gradual import GradualConfig, prune_gradual
+from tasks.prune.heads import HeadConfig, prune_heads
 from tasks.prune.imp import ImpConfig, prune_imp
 from tasks.prune.layer_adaptive import LayerAdaptiveConfig, prune_layer_adaptive
 from tasks.prune.lowrank import SvdConfig, prune_svd
@@ -24,6 +25,9 @@ from tasks.prune.magnitude import (
 )
 from tasks.prune.nm import NmConfig, prune_nm
 from tasks.prune.random import RandomConfig, prune_random
+from tasks.prune.soup import SparseSoupConfig, prune_sparse_soup
+from tasks.prune.trp import TrpConfig, prune_trp
+from tasks.prune.welore import WeLoreConfig, prune_welore
 
 
 class Method(NamedTuple):
@@ -40,7 +44,11 @@ METHODS: dict[str, Method] = {
     "layer_adaptive": Method(LayerAdaptiveConfig, prune_layer_adaptive),
     "nm": Method(NmConfig, prune_nm),
     "channel": Method(ChannelConfig, prune_channel),
+    "heads": Method(HeadConfig, prune_heads),
     "svd": Method(SvdConfig, prune_svd),
+    "welore": Method(WeLoreConfig, prune_welore),
+    "trp": Method(TrpConfig, prune_trp),
+    "sparse_soup": Method(SparseSoupConfig, prune_sparse_soup),
 }
 
 DEFAULT_METHOD = "magnitude"

@@ -79,8 +79,8 @@ def slim_config(model_cfg: CNNConfig | MLPConfig, keep_fraction: float) -> CNNCo
 def _check_arch(model_cfg) -> None:
     arch = getattr(model_cfg, "arch", type(model_cfg).__name__)
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"prune.channel: arch {arch!r} is not supported (attention-head pruning is not "
-                         f"implemented); supported archs: {', '.join(SUPPORTED_ARCHS)}")
+        raise ValueError(f"prune.channel: arch {arch!r} is not supported (for a vit use prune.method: heads); "
+                         f"supported archs: {', '.join(SUPPORTED_ARCHS)}")
 
 
 def _layers(model: nn.Module, model_cfg: CNNConfig | MLPConfig) -> list[tuple[str, nn.Module]]:

@@ -7,6 +7,9 @@ Recovery (``recovery_params``) after pruning:
         the biases and normalisation parameters, which the paper finds recovers most of the
         accuracy at a fraction of the trainable parameters; the weights keep their mask
         trivially, since they do not move;
+  perp_lora  PERP's biases and norms plus its MaskLoRA adapters on every prunable layer, whose
+        update is multiplied by the pruning mask and merged back afterwards
+        (``tasks.prune.perp``), so the weights move but keep exactly their mask;
   none  keep the pruned weights as they are.
 """
 
@@ -17,11 +20,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from slimforge.models import weight_params
 from slimforge.training import FitConfig
 from tasks.select.output import DataSource
+
+RecoveryParams = Literal["all", "perp", "perp_lora", "none"]
+LORA_RANK = 4  # perp_lora defaults for our small models, not the paper's LLM settings
+LORA_ALPHA = 8.0
 
 
 class PruneBase(BaseModel):
@@ -31,18 +39,33 @@ class PruneBase(BaseModel):
 
     recovery: FitConfig = Field(default_factory=lambda: FitConfig(lr=5e-4, epochs=2),
                                 description="fine-tune after pruning")
-    recovery_params: Literal["all", "perp", "none"] = Field(
-        default="all", description="all = masked full fine-tune; perp = biases and norms only; none = no recovery")
+    recovery_params: RecoveryParams = Field(
+        default="all", description="all = masked full fine-tune; perp = biases and norms only; perp_lora = perp "
+                                   "plus masked LoRA adapters, merged back; none = no recovery")
+    recovery_lora_rank: int | None = Field(
+        default=None, ge=1, description=f"rank r of each masked LoRA adapter (perp_lora only); None = {LORA_RANK}")
+    recovery_lora_alpha: float | None = Field(
+        default=None, gt=0, description=f"LoRA alpha; the update is scaled by alpha/r (perp_lora only); "
+                                        f"None = {LORA_ALPHA:g}")
     recovery_data: DataSource = Field(default_factory=DataSource,
                                       description="what recovery trains on (e.g. the select stage's coreset)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _lora_fields_need_perp_lora(self) -> PruneBase:
+        for key in ("recovery_lora_rank", "recovery_lora_alpha"):
+            if getattr(self, key) is not None and self.recovery_params != "perp_lora":
+                raise ValueError(f"prune.{key}: set only with recovery_params: perp_lora "
+                                 f"(got recovery_params: {self.recovery_params})")
+        return self
 
 
 @dataclass
 class PruneContext:
     """What a method may use: the trained ``model`` (a private copy it may change), its
-    architecture, the training set (x, y) and ``initial_model()``: the
-    base at its initialisation with the train stage's generator right after drawing it."""
+    architecture, the training set (x, y), ``initial_model()``: the base at its
+    initialisation with the train stage's generator right after drawing it, and ``val``: a
+    held-out (x, y) a method may report on (never train or select on)."""
 
     model: nn.Module
     model_config: BaseModel  # the base's architecture config (CNNConfig, MLPConfig, ViTConfig)
@@ -52,6 +75,7 @@ class PruneContext:
     y: Tensor
     generator: torch.Generator
     initial_model: Callable[[], tuple[nn.Module, torch.Generator]] | None = None
+    val: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -71,8 +95,9 @@ class Pruned:
 
 
 def prunable(model: nn.Module) -> dict[str, Tensor]:
-    """name -> weight of every Linear / Conv2d layer (the tensors pruning may zero)."""
-    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    """name -> every weight pruning may zero: Linear/Conv2d weights and attention q/k/v
+    projections (``slimforge.models.weight_params``); biases and norms never."""
+    return weight_params(model)
 
 
 def keep_largest(scores: Tensor, keep: int) -> Tensor:

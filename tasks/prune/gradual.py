@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from slimforge.training import FitConfig, fit
-from tasks.prune.common import PruneBase, PruneContext, Pruned, prunable
+from tasks.prune.common import PruneBase, PruneContext, Pruned, RecoveryParams, prunable
 from tasks.prune.imp import MaskHold, prune_remaining
 from tasks.train.inits.erk import erk_masks
 
@@ -58,7 +58,7 @@ class GradualConfig(PruneBase):
     regrow_fraction: float = Field(default=0.5, ge=0, le=1,
                                    description="ρ0, share of active weights dropped and regrown (granet only)")
     training: FitConfig = Field(default_factory=lambda: FitConfig(epochs=20), description="the training run")
-    recovery_params: Literal["all", "perp", "none"] = Field(
+    recovery_params: RecoveryParams = Field(
         default="none", description="the sparse model is trained to completion already; 'none' skips recovery")
     seed: int = Field(default=0, description="seeds the ERK mask and the data order")
 

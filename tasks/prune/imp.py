@@ -35,7 +35,15 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from slimforge.training import FitConfig, fit
-from tasks.prune.common import PruneBase, PruneContext, Pruned, keep_largest, prunable, split_like
+from tasks.prune.common import (
+    PruneBase,
+    PruneContext,
+    Pruned,
+    RecoveryParams,
+    keep_largest,
+    prunable,
+    split_like,
+)
 
 # train_round(model, masks) trains ``model`` in place with ``masks`` held; may return losses.
 TrainRound = Callable[[nn.Module, dict[str, Tensor]], list[float] | None]
@@ -51,7 +59,7 @@ class ImpConfig(PruneBase):
                               description="optimizer steps k of the base run to rewind to; 0 = the init")
     training: FitConfig = Field(default_factory=FitConfig,
                                 description="training of each round, to completion, and of the replay to step k")
-    recovery_params: Literal["all", "perp", "none"] = Field(
+    recovery_params: RecoveryParams = Field(
         default="none", description="the ticket is trained to completion already; 'none' skips the stage's recovery")
     seed: int = Field(default=0, description="seeds the data order of each round (the same every round)")
 

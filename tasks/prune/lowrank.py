@@ -18,6 +18,8 @@ Decided here (not in the papers):
   ``head.weight``, so the head must stay one ``nn.Linear``; it is also tiny (classes x F)
   and a rank below classes·F/(classes+F) < classes cuts logit directions directly.
 - Grouped convs are left dense (their kernel is not one (C_out, C_in·kh·kw) matrix).
+- ``nn.MultiheadAttention``'s ``out_proj`` is left dense: the attention reads its ``weight``
+  directly, so a factored replacement would break the forward pass.
 - The SVD runs in float64 and the factors are cast back to the weight's dtype, so the
   Eckart–Young identity holds to float32 rounding.
 - ``factorize_with_ranks`` rebuilds the factored tree from a ranks dict by factorizing
@@ -128,10 +130,12 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def factorable(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> every Linear and ungrouped Conv2d outside the head, in module order."""
+    """name -> every Linear and ungrouped Conv2d outside the head and attention internals, in module order."""
+    attention_out = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
+                     if isinstance(m, nn.MultiheadAttention)}
     return {name: m for name, m in model.named_modules()
             if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
-            and name != "head" and not name.startswith("head.")}
+            and name != "head" and not name.startswith("head.") and name not in attention_out}
 
 
 def choose_rank(weight: Tensor, cfg: SvdConfig) -> int:

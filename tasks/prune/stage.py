@@ -14,8 +14,16 @@ from slimforge.checkpoint import build_from_spec, load_model, save_model, spec_c
 from slimforge.data import load_dataset
 from slimforge.training import accuracy, fit
 from tasks.prune import METHODS
-from tasks.prune.common import PruneContext, Pruned, perp_parameters, sparsity_report
+from tasks.prune.common import (
+    LORA_ALPHA,
+    LORA_RANK,
+    PruneContext,
+    Pruned,
+    perp_parameters,
+    sparsity_report,
+)
 from tasks.prune.magnitude import apply_masks
+from tasks.prune.perp import recover_perp_lora
 from tasks.select.output import named_set
 from tasks.train.init import initialize
 
@@ -29,8 +37,8 @@ def run(params, ws, fanout=None) -> dict:
     dense_val = accuracy(model, *val)
     g = torch.Generator().manual_seed(cfg.seed)
     x, y = ds.part("train")
-    ctx = PruneContext(model, spec_config(spec), tuple(spec["input_shape"]),
-                       spec["num_classes"], x, y, g, initial_model=lambda: _initial_model(params, spec, ws))
+    ctx = PruneContext(model, spec_config(spec), tuple(spec["input_shape"]), spec["num_classes"], x, y, g,
+                       initial_model=lambda: _initial_model(params, spec, ws), val=val)
     result = METHODS[cfg.method].prune(ctx, cfg)
     val_before = accuracy(result.model, *val)
     rx, ry = named_set(cfg.recovery_data, ws.artifact("select"), ds, g)
@@ -49,8 +57,13 @@ def run(params, ws, fanout=None) -> dict:
 
 
 def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:
-    """Fine-tune after pruning: every parameter with the mask held, or PERP's biases/norms."""
+    """Fine-tune after pruning: every parameter with the mask held, PERP's biases/norms, or
+    those plus masked LoRA adapters merged back into the weights."""
     if cfg.recovery_params == "none":
+        return
+    if cfg.recovery_params == "perp_lora":
+        rank, alpha = cfg.recovery_lora_rank or LORA_RANK, cfg.recovery_lora_alpha or LORA_ALPHA
+        recover_perp_lora(result.model, result.masks, x, y, cfg.recovery, rank, alpha, g)
         return
     if cfg.recovery_params == "perp":
         params = perp_parameters(result.model)

@@ -11,7 +11,7 @@ Whole-model schemes:
   rewind      Frankle et al., "Linear Mode Connectivity and the Lottery Ticket Hypothesis" (ICML 2020)
   pretrained  a safetensors checkpoint of the same architecture
 
-A drawn init re-draws every Linear/Conv2d weight and MultiheadAttention in_proj_weight, zeroes
+A drawn init re-draws every Linear/Conv2d weight and attention in_proj_weight, zeroes
 biases, sets LayerNorm to (1, 0) and the ViT position embedding ``pos`` to N(0, 0.02²).
 ``initialize`` returns the sparsity masks ({param name: bool tensor}) the training loop must
 keep applying: ERK's, or a rewind's mask file; empty for every other scheme.
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimforge.models import ATTENTION, weight_params
 from tasks.train.init_config import parse_init
 from tasks.train.inits.effective_rank import effective_rank
 from tasks.train.inits.erk import erk_masks
@@ -37,7 +38,7 @@ from tasks.train.inits.rewind import rewind
 from tasks.train.inits.xavier import xavier
 
 __all__ = ["DRAWS", "INITS", "hold_masks", "initialize", "kaiming", "orthogonal", "redraw",
-           "weight_params", "xavier", "zero_masked"]
+           "xavier", "zero_masked"]
 
 # scheme -> draw(weight, generator, **settings) -> a new tensor of the weight's shape
 DRAWS: dict[str, Callable[..., Tensor]] = {
@@ -47,17 +48,6 @@ DRAWS: dict[str, Callable[..., Tensor]] = {
     "generalized_gaussian": generalized_gaussian,
     "effective_rank": effective_rank,
 }
-
-
-def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weight matrices/kernels an init draws (and ERK masks), by parameter name."""
-    out = {}
-    for prefix, module in model.named_modules():
-        attr = ("weight" if isinstance(module, (nn.Linear, nn.Conv2d))
-                else "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else None)
-        if attr and getattr(module, attr) is not None:
-            out[f"{prefix}.{attr}" if prefix else attr] = getattr(module, attr)
-    return out
 
 
 @torch.no_grad()
@@ -79,7 +69,7 @@ def redraw(model: nn.Module, draw: Callable[[Tensor], Tensor], g: torch.Generato
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        elif isinstance(module, ATTENTION) and module.in_proj_weight is not None:
             module.in_proj_weight.copy_(draw(module.in_proj_weight))
             module.in_proj_bias.zero_()
     for name, p in model.named_parameters():

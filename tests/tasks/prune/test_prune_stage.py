@@ -16,7 +16,7 @@ from slimforge.data import load_dataset
 from slimforge.training import accuracy
 from slimforge.workspace import Workspace
 from tasks.ingest.stage import run as run_ingest
-from tasks.prune import METHODS
+from tasks.prune import METHODS, magnitude_masks, prunable
 from tasks.prune.stage import run as run_prune
 from tasks.select.stage import run as run_select
 from tasks.train.stage import run as run_train
@@ -34,7 +34,14 @@ TINY = {
     "nm": {"n": 2, "m": 4},
     "channel": {"keep_fraction": 0.5},
     "svd": {"ratio": 0.25},
+    "welore": {"compression": 0.3},
+    "trp": {"energy": 0.8, "truncate_every": 2, "training": QUICK},
+    "sparse_soup": {"sparsity": 0.5, "rounds": 1, "ingredients": 2, "training": QUICK},
+    "heads": {"keep_fraction": 0.5, "examples": 64},
 }
+VIT = {"model": {"arch": "vit", "patch": 4, "width": 16, "depth": 2, "heads": 4, "mlp": 32},
+       "epochs": 2, "batch_size": 64}
+VIT_ONLY = {"heads"}  # methods for a ViT base; the others run on the CNN base
 
 
 def _params(root: Path, **sections):
@@ -43,14 +50,22 @@ def _params(root: Path, **sections):
     return params
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    params = _params(root)
+def _train_base(root: Path, **sections) -> Path:
+    params = _params(root, **sections)
     ws = Workspace(root)
     for run in (run_ingest, run_select, run_train):
         run(params, ws)
     return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return _train_base(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="module")
+def trained_vit(tmp_path_factory) -> Path:
+    return _train_base(tmp_path_factory.mktemp("trained_vit"), train=VIT)
 
 
 @pytest.fixture
@@ -64,17 +79,17 @@ def test_every_method_has_tiny_settings():
 
 
 @pytest.mark.parametrize("method", sorted(TINY))
-def test_stage_writes_an_artifact_that_loads_back_as_the_measured_model(ws, method):
-    if method not in METHODS:
-        pytest.skip(f"{method} is not registered")
-    params = _params(ws.root, prune={"method": method, **TINY[method], "recovery": QUICK})
+def test_stage_writes_an_artifact_that_loads_back_as_the_measured_model(request, tmp_path, method):
+    vit = method in VIT_ONLY
+    ws = Workspace(shutil.copytree(request.getfixturevalue("trained_vit" if vit else "trained"), tmp_path / "ws"))
+    params = _params(ws.root, prune={"method": method, **TINY[method], "recovery": QUICK}, **({"train": VIT} if vit else {}))
     metrics = run_prune(params, ws)
     model = load_any(ws.artifact("prune"))
     val = load_dataset(ws.artifact("ingest")).part("val")
     assert accuracy(model, *val) == pytest.approx(metrics["val_accuracy"], abs=1e-6)
     meta = read_meta(ws.artifact("prune"))
     assert meta["method"] == method and meta["parents"]["base"]["path"] == "artifacts/train"
-    if method in ("magnitude", "random", "gmp", "granet", "imp", "layer_adaptive"):
+    if method in ("magnitude", "random", "gmp", "granet", "imp", "layer_adaptive", "sparse_soup"):
         target = TINY[method].get("sparsity", TINY[method].get("final_sparsity"))
         assert metrics["sparsity"] == pytest.approx(target, abs=1e-3)
         assert meta["format"] == "sparse"
@@ -83,8 +98,13 @@ def test_stage_writes_an_artifact_that_loads_back_as_the_measured_model(ws, meth
     if method == "channel":
         assert meta["model"]["config"]["channels"] == [4, 8]
         assert metrics["parameters"] < sum(p.numel() for p in load_model(ws.artifact("train")).parameters()) / 3
-    if method == "svd":
+    if method in ("svd", "welore", "trp"):
         assert meta["model"]["low_rank"] and metrics["ranks"] == meta["model"]["low_rank"]
+    if method == "sparse_soup":
+        assert len(metrics["soup_rounds"]["1"]["ingredient_val_accuracy"]) == 2
+    if method == "heads":
+        assert meta["model"]["config"]["block_heads"] == [2, 2]
+        assert metrics["parameters"] < sum(p.numel() for p in load_model(ws.artifact("train")).parameters())
 
 
 def test_a_90_percent_sparse_file_is_under_a_quarter_of_the_dense_one(ws):
@@ -106,3 +126,17 @@ def test_perp_retrains_only_biases_and_keeps_the_mask(ws):
             assert torch.all((p == 0) | (p == q)), name
         else:
             assert not torch.equal(p, q), f"{name} was not retrained"
+
+
+def test_perp_lora_moves_the_surviving_weights_and_keeps_the_mask(ws):
+    params = _params(ws.root, prune={"method": "magnitude", "sparsity": 0.8, "recovery_params": "perp_lora",
+                                     "recovery_lora_rank": 2, "recovery": {"epochs": 1, "batch_size": 64, "lr": 0.01}})
+    metrics = run_prune(params, ws)
+    assert metrics["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    pruned = load_model(ws.artifact("prune"))
+    base = load_model(ws.artifact("train"))
+    assert list(pruned.state_dict()) == list(base.state_dict())
+    masks = magnitude_masks(prunable(base), 0.8, "global")  # the stage's mask, recomputed
+    for name, w in prunable(pruned).items():
+        assert torch.equal(w != 0, masks[name]), name  # exactly the mask
+        assert not torch.equal(w[masks[name]], prunable(base)[name][masks[name]]), f"{name} did not move"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model
-from tasks.train.init import DRAWS, INITS, initialize, kaiming, orthogonal, weight_params, xavier
+from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model, weight_params
+from tasks.train.init import DRAWS, INITS, initialize, kaiming, orthogonal, xavier
 from tasks.train.init_config import INIT_SCHEMES, ErkConfig, XavierConfig
 
 ARCHS = [(MLPConfig(), (1, 28, 28)), (CNNConfig(), (1, 28, 28)), (ViTConfig(), (1, 28, 28)),

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from slimforge.models import CNNConfig, build_model
-from tasks.train.init import initialize, weight_params
+from slimforge.models import CNNConfig, build_model, weight_params
+from tasks.train.init import initialize
 from tasks.train.inits.effective_rank import effective_rank, entropy_rank
 from tasks.train.inits.kaiming import kaiming
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model
+from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model, weight_params
 from slimforge.training import FitConfig, fit
-from tasks.train.init import hold_masks, initialize, weight_params
+from tasks.train.init import hold_masks, initialize
 from tasks.train.init_config import ErkConfig
 from tasks.train.inits.erk import erk_densities, erk_masks, erk_raw
 
