@@ -22,14 +22,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model  # noqa: E402
-from slimforge.training import FitConfig, accuracy, fit  # noqa: E402
+from slimforge.training import FitConfig, MaskHold, accuracy, fit  # noqa: E402
 from slimforge.transforms import apply_transform  # noqa: E402
 from tasks.finetune import FinetuneConfig, TaskSpec  # noqa: E402
 from tasks.finetune.finetune import finetune_with_history  # noqa: E402
 from tasks.ingest.config import IngestConfig  # noqa: E402
 from tasks.ingest.sources import get_source  # noqa: E402
 from tasks.ingest.validate import split_dataset  # noqa: E402
-from tasks.train.init import hold_masks, initialize  # noqa: E402
+from tasks.train.init import initialize  # noqa: E402
 from tasks.train.init_config import coerce_init  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -65,7 +65,7 @@ def train_once(arch, init, data, fit_cfg: FitConfig, seed: int) -> tuple[float, 
     model = build_model(arch, tuple(xtr.shape[1:]), 10)
     masks = initialize(model, coerce_init(init), g)
     start = time.perf_counter()
-    curve = fit(model, xtr, ytr, fit_cfg, g, after_step=hold_masks(masks), label="bench")
+    curve = fit(model, xtr, ytr, fit_cfg, g, hold=MaskHold(model, masks) if masks else None, label="bench")
     return accuracy(model, xte, yte), curve, time.perf_counter() - start
 
 

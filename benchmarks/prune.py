@@ -37,7 +37,7 @@ from benchmarks.select import load_mnist5k
 from slimforge.artifacts import WEIGHTS
 from slimforge.checkpoint import load_model, model_spec, save_model
 from slimforge.models import CNNConfig, ViTConfig, build_model
-from slimforge.training import FitConfig, accuracy, fit
+from slimforge.training import FitConfig, MaskHold, accuracy, fit
 from tasks.evaluate.harness import latency_ms
 from tasks.prune import METHODS
 from tasks.prune.channel import slim_config
@@ -45,7 +45,7 @@ from tasks.prune.common import PruneContext, Pruned, prunable, sparsity_report
 from tasks.prune.lowrank import factorize_with_ranks
 from tasks.prune.magnitude import apply_masks, magnitude_masks
 from tasks.prune.stage import recover, result_spec
-from tasks.train.init import hold_masks, initialize
+from tasks.train.init import initialize
 
 OUT = Path(__file__).parent / "results"
 ARCHS = {"cnn": CNNConfig(), "vit": ViTConfig()}
@@ -112,7 +112,7 @@ def rethinking_baselines(arch, base, x, y, seed, train: dict, sparsities, test, 
         model = build_model(ARCHS[arch], SHAPE, CLASSES)
         initialize(model, "kaiming", g)
         apply_masks(model, masks)
-        fit(model, x, y, train_cfg, g, after_step=hold_masks(masks), label=f"reinit {s}")
+        fit(model, x, y, train_cfg, g, hold=MaskHold(model, masks), label=f"reinit {s}")
         rows.append({"method": "magnitude_reinit", "sparsity_target": s, "model": model, "masked": True, "spec": spec})
         if arch == "cnn" and s <= 0.7:
             slim_cfg = slim_config(ARCHS[arch], 1 - s)

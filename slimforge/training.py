@@ -76,6 +76,32 @@ def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class MaskHold:
+    """Pruned weights held at exactly 0 through training.
+
+    ``fit`` binds its optimizer and calls ``apply`` after every step: each masked weight and
+    every optimizer state tensor of its shape (momentum_buffer, exp_avg, exp_avg_sq) are zeroed
+    where the mask is False, so no momentum can revive a pruned weight. A method that changes
+    the masks between steps (gradual pruning) assigns ``masks`` and calls ``apply`` itself.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, Tensor]):
+        named = dict(model.named_parameters())
+        self.params = {n: named[n] for n in masks}
+        self.masks = masks
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for name, mask in self.masks.items():
+            p = self.params[name]
+            p.masked_fill_(~mask, 0.0)
+            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            for v in state.values():
+                if isinstance(v, Tensor) and v.shape == p.shape:
+                    v.masked_fill_(~mask, 0.0)
+
+
 def fit(
     model: nn.Module,
     x: Tensor,
@@ -85,6 +111,7 @@ def fit(
     *,
     params: list[nn.Parameter] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    hold: MaskHold | None = None,
     label: str = "train",
     checkpoint: Checkpointing | None = None,
     plan: EpochPlan | None = None,
@@ -93,7 +120,8 @@ def fit(
     """Train ``model`` on (x, y) in place; returns the mean loss of each epoch.
 
     ``params`` restricts what is optimised (e.g. a head only); ``after_step`` runs after
-    every optimiser step (e.g. re-applying a pruning mask). With ``checkpoint``, a run found
+    every optimiser step; ``hold`` keeps pruned weights and their optimiser state at 0 from
+    the start and after every step, before ``after_step``. With ``checkpoint``, a run found
     in its directory is continued where it stopped, to bit-identical weights on CPU. With
     ``plan`` each epoch sees only its row of the plan, so the schedule runs over the reduced
     step count; ``augment`` transforms each batch with draws from ``generator``.
@@ -111,6 +139,9 @@ def fit(
         fingerprint["plan"] = plan.fingerprint()
     if checkpoint is not None and (loaded := load_latest(checkpoint, opt)) is not None:
         pos = restore(loaded, model, opt, generator, fingerprint)
+    if hold is not None:
+        hold.optimizer = opt
+        hold.apply()
     model.train()
     with progress_bar(label, total) as (bar, task):
         bar.update(task, completed=pos.step)
@@ -121,6 +152,8 @@ def fit(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if hold is not None:
+                    hold.apply()
                 if after_step is not None:
                     after_step(model)
                 _advance(pos, loss.item() * len(idx), steps_per_epoch, per_epoch, generator)

@@ -36,9 +36,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from slimforge.training import FitConfig, fit
+from slimforge.training import FitConfig, MaskHold, fit
 from tasks.prune.common import PruneBase, PruneContext, Pruned, RecoveryParams, prunable
-from tasks.prune.imp import MaskHold, prune_remaining
+from tasks.prune.imp import prune_remaining
 from tasks.train.inits.erk import erk_masks
 
 
@@ -169,10 +169,9 @@ def train_gradually(model: nn.Module, x: Tensor, y: Tensor, cfg: GradualConfig,
         if due == 0 and 0 <= j <= n:
             prune_step(j)
 
-    with hold:
-        if t0 == 0:
-            prune_step(0)
-        losses = fit(model, x, y, cfg.training, generator, after_step=after_step, label=f"prune {cfg.method}")
+    if t0 == 0:
+        prune_step(0)
+    losses = fit(model, x, y, cfg.training, generator, hold=hold, after_step=after_step, label=f"prune {cfg.method}")
     return GradualResult(hold.masks, history, losses)
 
 

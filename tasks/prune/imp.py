@@ -15,9 +15,10 @@ Reconstructed details (not fixed by the papers at this scale):
   order from ``seed``); the papers resume the schedule at step k for T − k steps.
 - θ_k is taken from the *same* trajectory as the base run: ``rewind_state_after`` replays
   the base run's ``fit`` with its config and generator and stops after exactly k steps.
-- Optimizer state of pruned weights is held at 0 too (``MaskHold``), not only the weights.
+- Optimizer state of pruned weights is held at 0 too (``slimforge.training.MaskHold``), not
+  only the weights.
 
-``MaskHold`` and ``prune_remaining`` are shared with ``tasks.prune.gradual``.
+``prune_remaining`` and ``masked_trainer`` are shared with ``tasks.prune.gradual`` and ``soup``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Self
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from slimforge.training import FitConfig, fit
+from slimforge.training import FitConfig, MaskHold, fit
 from tasks.prune.common import (
     PruneBase,
     PruneContext,
@@ -132,54 +132,13 @@ def iterative_magnitude_pruning(model: nn.Module, rewind_state: dict[str, Tensor
     return ImpResult(masks, history)
 
 
-class MaskHold:
-    """Holds masked weights and their optimizer state at exactly 0 after every optimizer step.
-
-    ``fit`` builds its optimizer internally, so a global optimizer step post-hook (filtered to
-    optimizers that hold this model's masked parameters) zeroes weights and every state tensor
-    of a weight's shape (momentum_buffer, exp_avg, exp_avg_sq) right after ``step()``. The last
-    optimizer seen is kept so a mask change between steps can zero its state too.
-    """
-
-    def __init__(self, model: nn.Module, masks: dict[str, Tensor]):
-        named = dict(model.named_parameters())
-        self.params = {n: named[n] for n in masks}
-        self.masks = masks
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._ids = {id(p) for p in self.params.values()}
-
-    def __enter__(self) -> Self:
-        self._handle = register_optimizer_step_post_hook(self._after_step)
-        self.apply()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _after_step(self, opt: torch.optim.Optimizer, args, kwargs) -> None:
-        if opt is self.optimizer or any(id(p) in self._ids for g in opt.param_groups for p in g["params"]):
-            self.optimizer = opt
-            self.apply()
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for name, mask in self.masks.items():
-            p = self.params[name]
-            p.masked_fill_(~mask, 0.0)
-            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-            for v in state.values():
-                if isinstance(v, Tensor) and v.shape == p.shape:
-                    v.masked_fill_(~mask, 0.0)
-
-
 def masked_trainer(x: Tensor, y: Tensor, fit_cfg: FitConfig, seed: int, label: str = "imp round") -> TrainRound:
     """A ``train_round`` that runs ``fit`` from a fresh generator(seed), masks held at 0
     (weights and optimizer state) after every step."""
 
     def train_round(model: nn.Module, masks: dict[str, Tensor]) -> list[float]:
-        with MaskHold(model, masks) as hold:
-            return fit(model, x, y, fit_cfg, torch.Generator().manual_seed(seed),
-                       after_step=lambda m: hold.apply(), label=label)
+        return fit(model, x, y, fit_cfg, torch.Generator().manual_seed(seed), hold=MaskHold(model, masks),
+                   label=label)
 
     return train_round
 

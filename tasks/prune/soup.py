@@ -23,7 +23,7 @@ Reconstructed or left out:
   ingredient); with ``vary: weight_decay`` the ingredients of a phase share one seed, so only
   their weight decay differs.
 - Each retraining runs the whole ``training`` schedule with a fresh optimizer, pruned weights
-  and their optimizer state held at 0 (``MaskHold``, shared with ``imp``).
+  and their optimizer state held at 0 (``slimforge.training.MaskHold``, as in ``imp``).
 - The average is written θ₁ + mean_i(θ_i − θ₁), equal to mean_i θ_i in exact arithmetic, so a
   soup of identical ingredients is that model bit for bit.
 """

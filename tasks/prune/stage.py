@@ -12,7 +12,7 @@ import torch
 from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta
 from slimforge.checkpoint import build_from_spec, load_model, save_model, spec_config
 from slimforge.data import load_dataset
-from slimforge.training import accuracy, fit
+from slimforge.training import MaskHold, accuracy, fit
 from tasks.prune import METHODS
 from tasks.prune.common import (
     LORA_ALPHA,
@@ -22,7 +22,6 @@ from tasks.prune.common import (
     perp_parameters,
     sparsity_report,
 )
-from tasks.prune.magnitude import apply_masks
 from tasks.prune.perp import recover_perp_lora
 from tasks.select.output import named_set
 from tasks.train.init import initialize
@@ -74,7 +73,7 @@ def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:
         params = None
     masks = result.masks
     fit(result.model, x, y, cfg.recovery, g, params=params,
-        after_step=(lambda m: apply_masks(m, masks)) if masks else None, label=f"prune recovery ({cfg.recovery_params})")
+        hold=MaskHold(result.model, masks) if masks else None, label=f"prune recovery ({cfg.recovery_params})")
 
 
 def result_spec(spec: dict, result: Pruned) -> dict:

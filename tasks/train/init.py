@@ -37,7 +37,7 @@ from tasks.train.inits.pretrained import load_pretrained
 from tasks.train.inits.rewind import rewind
 from tasks.train.inits.xavier import xavier
 
-__all__ = ["DRAWS", "INITS", "hold_masks", "initialize", "kaiming", "orthogonal", "redraw",
+__all__ = ["DRAWS", "INITS", "initialize", "kaiming", "orthogonal", "redraw",
            "xavier", "zero_masked"]
 
 # scheme -> draw(weight, generator, **settings) -> a new tensor of the weight's shape
@@ -109,11 +109,6 @@ INITS: dict[str, Callable[..., dict[str, Tensor]]] = {
     "rewind": _rewind,
     "pretrained": _pretrained,
 }
-
-
-def hold_masks(masks: dict[str, Tensor]) -> Callable[[nn.Module], None] | None:
-    """An ``after_step`` for ``slimforge.training.fit`` keeping masked weights at 0; None if none."""
-    return (lambda model: zero_masked(model, masks)) if masks else None
 
 
 def initialize(model: nn.Module, cfg: Any, g: torch.Generator, root: Path | None = None) -> dict[str, Tensor]:

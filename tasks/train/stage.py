@@ -20,10 +20,10 @@ from slimforge.artifacts import atomic_dir, content_hash
 from slimforge.checkpoint import build_from_spec, model_spec, save_model
 from slimforge.config import ParamsError
 from slimforge.data import load_dataset
-from slimforge.training import CHECKPOINT_FIELDS, Checkpointing, accuracy, fit
+from slimforge.training import CHECKPOINT_FIELDS, Checkpointing, MaskHold, accuracy, fit
 from tasks.select.dsa import batch_augment
 from tasks.select.output import TrainingSet, training_set
-from tasks.train.init import hold_masks, initialize
+from tasks.train.init import initialize
 
 
 def run_key(cfg, inputs: dict[str, Path]) -> str:
@@ -46,7 +46,7 @@ def _train_one(params, ws, data: TrainingSet, spec, seed: int):
         runs = Path("runs", "train", run_key(cfg, _parents(ws)), f"seed-{seed}")  # workspace-relative
         checkpoint = Checkpointing(ws.root / runs, cfg.checkpoint_every, cfg.keep_checkpoints)
         extra = {"checkpoints": runs.as_posix()}
-    history = fit(model, data.x, data.y, cfg.fit_config(), g, after_step=hold_masks(masks),
+    history = fit(model, data.x, data.y, cfg.fit_config(), g, hold=MaskHold(model, masks) if masks else None,
                   label=f"train seed {seed}", checkpoint=checkpoint, plan=data.plan,
                   augment=batch_augment() if cfg.augment == "dsa" else None)
     return model, history, extra

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model, weight_params
-from slimforge.training import FitConfig, fit
-from tasks.train.init import hold_masks, initialize
+from slimforge.training import FitConfig, MaskHold, fit
+from tasks.train.init import initialize
 from tasks.train.init_config import ErkConfig
 from tasks.train.inits.erk import erk_densities, erk_masks, erk_raw
 
@@ -90,14 +90,13 @@ def test_masks_follow_the_generator():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_hold_masks_keeps_pruned_weights_at_zero_through_training():
+def test_a_mask_hold_keeps_pruned_weights_at_zero_through_training():
     g = torch.Generator().manual_seed(0)
     model = build_model(MLPConfig(hidden=[32]), (1, 8, 8), 10)
     masks = initialize(model, ErkConfig(density=0.3), g)
     x, y = torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    fit(model, x, y, FitConfig(epochs=2, batch_size=16), g, after_step=hold_masks(masks), label="t")
+    fit(model, x, y, FitConfig(epochs=2, batch_size=16), g, hold=MaskHold(model, masks), label="t")
     weights = weight_params(model)
     for k, m in masks.items():
         assert torch.all(weights[k][~m] == 0), k
         assert torch.count_nonzero(weights[k][m]) == int(m.sum()), k  # the kept ones did train
-    assert hold_masks({}) is None
