@@ -1,0 +1,85 @@
+"""all-MiniLM-L6-v2 on CPU: fp32 vs RTN int8 / int4 on the packed low-bit kernels.
+
+Quantizes every Linear of the real pretrained encoder (``slimforge.text.load_minilm``) with
+the quantize stage's RTN (``quantize_model`` + ``load_quantized``: int8 per-channel on
+``_weight_int8pack_mm``, int4 group-32 on ``_weight_int4pack_mm_for_cpu``) and reports,
+per variant, ms to encode one batch of real English sentences (tokenize, encoder, mean
+pooling, normalise; median of repeats after a warm-up, as the evaluate harness's
+``latency_ms``) at each thread count, plus the agreement of its sentence embeddings with
+fp32 on ``--sentences`` sentences (``slimforge.text.embedding_agreement``).
+
+    python -m benchmarks.minilm_latency [--threads 1 2] [--batch 64] [--repeats 10] [--sentences 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import pandas as pd
+import torch
+from torch import nn
+
+from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
+from tasks.quantize.packed import load_quantized, packed_layout, quantize_model
+from tasks.quantize.rtn import RtnConfig
+
+VARIANTS = {
+    "int8 per-channel": RtnConfig(name="int8", bits=8, granularity="channel"),
+    "int4 group-32": RtnConfig(name="int4", bits=4, granularity="group", group_size=32),
+}
+
+
+def quantize_minilm(model: nn.Module, cfg: RtnConfig) -> nn.Module:
+    """A copy of ``model`` whose Linear layers run packed RTN weights."""
+    state = quantize_model(model, cfg)
+    return load_quantized(copy.deepcopy(model), state, packed_layout(cfg, state)).eval()
+
+
+def encode_ms(model: nn.Module, tokenizer, batch: list[str], repeats: int, warmup: int = 2) -> float:
+    """Median wall-clock ms of ``encode`` on one batch."""
+    for _ in range(warmup):
+        encode(model, tokenizer, batch, batch_size=len(batch))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encode(model, tokenizer, batch, batch_size=len(batch))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts")
+    ap.add_argument("--batch", type=int, default=64, help="sentences per timed batch")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--sentences", type=int, default=400, help="sentences for the agreement with fp32")
+    ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = ap.parse_args()
+    fp32, tokenizer = load_minilm()
+    models = {"fp32": fp32} | {name: quantize_minilm(fp32, cfg) for name, cfg in VARIANTS.items()}
+    sentences = english_sentences(args.sentences)
+    batch = english_sentences(args.batch)
+    reference = encode(fp32, tokenizer, sentences)
+    rows = []
+    for name, model in models.items():
+        agreement = embedding_agreement(reference, encode(model, tokenizer, sentences), k=10)
+        row = {"model": name} | {k: round(v, 4) for k, v in agreement.items()}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            row[f"ms/batch {threads} thr"] = round(encode_ms(model, tokenizer, batch, args.repeats), 1)
+        rows.append(row)
+    df = pd.DataFrame(rows).set_index("model")
+    for threads in args.threads:
+        ms = df[f"ms/batch {threads} thr"]
+        df[f"speedup {threads} thr"] = (ms["fp32"] / ms).round(2)
+    if args.csv:
+        df.to_csv(args.csv)
+    print(f"all-MiniLM-L6-v2, batch of {args.batch} sentences, {args.sentences} sentences for agreement")
+    print(df.to_string())
+
+
+if __name__ == "__main__":
+    main()
