@@ -20,6 +20,7 @@ from tasks.merge.task_arithmetic import TaskArithmeticConfig
 from tasks.prune import METHODS as PRUNE_METHODS
 from tasks.prune import PruneConfig
 from tasks.prune.magnitude import MagnitudeConfig
+from tasks.quantize import METHODS as QUANTIZE_METHODS
 from tasks.quantize.config import QuantizeConfig
 from tasks.select import METHODS as SELECT_METHODS
 from tasks.select import SelectConfig
@@ -57,7 +58,7 @@ def _format(source: str, err: ValidationError) -> str:
 
 # Discriminated unions add the tag to the error location (select.random.keep_fraction);
 # drop it so the path is the one the user wrote (select.keep_fraction).
-_UNION_TAGS = {*SELECT_METHODS, *PRUNE_METHODS, "mlp", "cnn", "vit", *INIT_SCHEMES}
+_UNION_TAGS = {*SELECT_METHODS, *PRUNE_METHODS, *QUANTIZE_METHODS, "mlp", "cnn", "vit", *INIT_SCHEMES}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,23 +1,53 @@
-"""quantize stage: weight quantization methods, keyed by the ``method:`` name used in YAML.
+"""quantize stage: post-training weight quantization, keyed by the ``method:`` name used in YAML.
 
-Each method is a config class plus pure functions on tensors (``rtn.py``); packed storage
-and low-bit execution shared by all of them live in ``packed.py``.
+The registry below is the one place a ``quantize.variants[*].method`` name is resolved. Each
+entry is (config class, function(model, calibration inputs x, cfg) -> {layer name:
+QuantizedLayer}); ``packed.py`` stores any method's result in one packed format and runs it
+with the real low-bit kernels. A variant that names no method is an RTN one.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from collections.abc import Callable
+from typing import Annotated, NamedTuple, Union
 
+from pydantic import BaseModel, Discriminator, Tag
+
+from tasks.quantize.awq import AwqConfig, quantize_awq
+from tasks.quantize.gptq import GptqConfig, quantize_gptq
+from tasks.quantize.layerwise import QuantizedLayer, quantize_rtn
 from tasks.quantize.packed import load_packed_artifact, quantize_model, save_packed
 from tasks.quantize.rtn import RtnConfig
 
-__all__ = ["METHODS", "RtnConfig", "get_method", "load_packed_artifact", "quantize_model", "save_packed"]
+__all__ = ["METHODS", "AwqConfig", "GptqConfig", "Method", "QuantizeMethod", "QuantizedLayer", "RtnConfig",
+           "get_method", "load_packed_artifact", "quantize_model", "save_packed"]
 
-METHODS: dict[str, type[BaseModel]] = {"rtn": RtnConfig}
+
+class Method(NamedTuple):
+    config: type[BaseModel]
+    quantize: Callable
 
 
-def get_method(name: str) -> type[BaseModel]:
-    """The config class registered under ``name``."""
+METHODS: dict[str, Method] = {
+    "rtn": Method(RtnConfig, quantize_rtn),
+    "gptq": Method(GptqConfig, quantize_gptq),
+    "awq": Method(AwqConfig, quantize_awq),
+}
+
+DEFAULT_METHOD = "rtn"
+
+
+def get_method(name: str) -> Method:
+    """The method registered under ``name``."""
     if name not in METHODS:
-        raise ValueError(f"quantize.method: {name!r} is not one of {', '.join(sorted(METHODS))}")
+        raise ValueError(f"quantize.method: {name!r} is not one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def _method_of(value) -> str:
+    """The union's tag: a variant that names no method is an RTN one."""
+    return value.get("method", DEFAULT_METHOD) if isinstance(value, dict) else value.method
+
+
+QuantizeMethod = Annotated[Union[tuple(Annotated[m.config, Tag(name)] for name, m in METHODS.items())],  # noqa: UP007
+                           Discriminator(_method_of)]

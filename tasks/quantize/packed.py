@@ -1,8 +1,8 @@
-"""Packed storage and real low-bit execution of weight-only quantized models (RTN and kin).
+"""Packed storage and real low-bit execution of weight-only quantized models (every PTQ method).
 
-Storage (``quantize_model``): every nn.Linear and nn.Conv2d weight, viewed as (N, K) =
-(out, in·kh·kw), whose K fits the granularity (group_size divides K; for 4-bit also K
-even) is replaced in the safetensors state by
+Storage (``quantize_model``, ``pack_layers``): every nn.Linear and nn.Conv2d weight, viewed as
+(N, K) = (out, in·kh·kw), whose K fits the granularity (group_size divides K; for 4-bit also K
+even) is quantized by the variant's method and replaced in the safetensors state by
 
 - ``<name>.qweight``: 8-bit: the codes, int8 if symmetric, uint8 if asymmetric.
   4-bit: unsigned codes packed two per byte along K by ``kernels.int4.pack_int4``
@@ -10,6 +10,9 @@ even) is replaced in the safetensors state by
   Below 8 bits, symmetric codes q ∈ [−2^(b−1), 2^(b−1)−1] are stored as q + 2^(b−1).
 - ``<name>.scales``: float16 (N, K/g); per-channel and per-tensor use g = K.
 - ``<name>.zeros``: uint8 (N, K/g) integer zero-points, only when asymmetric.
+- ``<name>.input_scale``: float32 (C_in,), only for layers whose method scales the input
+  (AWQ's 1/s): the layer computes ŵ·(x ⊙ input_scale), one factor per input feature of a
+  Linear or input channel of a Conv2d. The metadata key ``input_scales`` lists these layers.
 
 Everything else (biases, norms, layers that do not fit) stays float32 under its own name.
 
@@ -24,6 +27,9 @@ that runs a real low-bit op, chosen once at load time:
 - Anything else (8-bit groups, shapes the kernels reject, conv layers, Linear layers that
   other modules read ``.weight`` from such as MultiheadAttention's out_proj) is
   dequantized once at load into the original module's dense weight.
+
+A packed module multiplies its input by ``input_scale`` before the low-bit matmul; a layer
+dequantized at load gets it folded into its dense weight's columns (ŵ·diag(input_scale)).
 
 Run a loaded model under ``torch.no_grad()``: the packed modules hold buffers, not
 trainable parameters.
@@ -44,15 +50,11 @@ import kernels
 from kernels.cpu import int4_weight_matmul, int8_weight_matmul, prepare_int4_cpu, supports_int4_cpu
 from kernels.int4 import pack_int4, unpack_int4
 from slimforge.artifacts import WEIGHTS, ArtifactError, load_tensors, save_tensors
-from tasks.quantize.rtn import QuantizedWeight, RtnConfig, dequantize, quantize_weight
+from tasks.quantize.layerwise import QuantizedLayer
+from tasks.quantize.rtn import GridConfig, QuantizedWeight
 
 FORMAT = "slimforge.packed/1"
-_SUFFIXES = ("qweight", "scales", "zeros")
-
-
-def _fits(k: int, cfg: RtnConfig) -> bool:
-    group_ok = cfg.granularity != "group" or k % cfg.group_size == 0
-    return group_ok and (cfg.bits != 4 or k % 2 == 0)
+_SUFFIXES = ("qweight", "scales", "zeros", "input_scale")
 
 
 def _store_codes(qw: QuantizedWeight) -> Tensor:
@@ -62,26 +64,31 @@ def _store_codes(qw: QuantizedWeight) -> Tensor:
     return pack_int4(unsigned) if qw.bits == 4 else unsigned  # (N, K/2) or (N, K)
 
 
-def quantize_model(model: nn.Module, cfg: RtnConfig) -> dict[str, Tensor]:
-    """Quantize every fitting Linear/Conv2d weight with RTN; return a safetensors-ready state."""
+def pack_layers(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str, Tensor]:
+    """``model``'s safetensors-ready state with each layer in ``layers`` stored packed."""
     state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items()}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        w = module.weight.detach().cpu().reshape(module.weight.shape[0], -1)  # (N, K), conv (out, in*kh*kw)
-        if not _fits(w.shape[1], cfg):
-            continue
-        qw = quantize_weight(w, cfg)
+    for name, layer in layers.items():
+        qw = layer.weight
         del state[f"{name}.weight"]
         state[f"{name}.qweight"] = _store_codes(qw).contiguous()
         state[f"{name}.scales"] = qw.scales.to(torch.float16).contiguous()  # (N, K/g)
         if qw.zeros is not None:
             state[f"{name}.zeros"] = qw.zeros.to(torch.uint8).contiguous()  # (N, K/g)
+        if layer.input_scale is not None:
+            state[f"{name}.input_scale"] = layer.input_scale.float().contiguous()  # (C_in,)
     return state
 
 
-def packed_layout(cfg: RtnConfig, tensors: dict[str, Tensor]) -> dict[str, str]:
+def quantize_model(model: nn.Module, cfg: GridConfig, x: Tensor | None = None) -> dict[str, Tensor]:
+    """Quantize every fitting Linear/Conv2d weight with cfg's method, calibrated on inputs ``x``
+    (RTN needs none); return a safetensors-ready state."""
+    from tasks.quantize import get_method  # the registry imports this module
+
+    return pack_layers(model, get_method(cfg.method).quantize(model, x, cfg))
+
+
+def packed_layout(cfg: GridConfig, tensors: dict[str, Tensor]) -> dict[str, str]:
     """safetensors metadata describing how ``tensors`` (from ``quantize_model``) are packed."""
     packed = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     storage = {8: "int8 if symmetric else uint8, one code per byte",
@@ -96,28 +103,35 @@ def packed_layout(cfg: RtnConfig, tensors: dict[str, Tensor]) -> dict[str, str]:
         "code_storage": storage.get(cfg.bits, "one unsigned code per uint8 byte"),
         "code_offset": str(2 ** (cfg.bits - 1) if cfg.symmetric and cfg.bits < 8 else 0),
         "packed": json.dumps(packed),
+        "input_scales": json.dumps(sorted(k[: -len(".input_scale")] for k in tensors if k.endswith(".input_scale"))),
     }
 
 
-def _read_layout(metadata: dict[str, str] | None) -> tuple[int, bool, list[str]]:
+def _read_layout(metadata: dict[str, str] | None) -> tuple[int, bool, list[str], set[str]]:
     if not metadata or metadata.get("format") != FORMAT:
         raise ArtifactError(f"quantized weights: metadata format is not {FORMAT!r}; was the file made by quantize?")
     try:
         bits, symmetric = int(metadata["bits"]), metadata["symmetric"] == "true"
         names = json.loads(metadata["packed"])
+        scaled = set(json.loads(metadata.get("input_scales", "[]")))  # files from before input scales have none
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"quantized weights: unreadable packed-layout metadata ({e})") from None
     if bits not in (2, 3, 4, 8):
         raise ArtifactError(f"quantized weights: bits {bits} is not one of 2, 3, 4, 8")
-    return bits, symmetric, names
+    if not scaled <= set(names):
+        raise ArtifactError(f"quantized weights: input_scales names layers that are not packed: {sorted(scaled - set(names))}")
+    return bits, symmetric, names, scaled
 
 
 def _read_quantized(tensors: dict[str, Tensor], name: str, bits: int, symmetric: bool,
-                    n: int, k: int) -> QuantizedWeight:
-    """Rebuild the QuantizedWeight of layer ``name`` (weight (N, K)) from stored tensors."""
+                    module: nn.Module, scaled: bool) -> QuantizedLayer:
+    """Rebuild the QuantizedLayer of layer ``name`` (weight (N, K)) from stored tensors."""
+    n, k = module.weight.shape[0], module.weight[0].numel()
+    c_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
     try:
         stored, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"].float()
         zeros = None if symmetric else tensors[f"{name}.zeros"].float()
+        input_scale = tensors[f"{name}.input_scale"].float() if scaled else None
     except KeyError as e:
         raise ArtifactError(f"quantized weights: {e.args[0]} is missing") from None
     want = torch.int8 if bits == 8 and symmetric else torch.uint8
@@ -127,10 +141,13 @@ def _read_quantized(tensors: dict[str, Tensor], name: str, bits: int, symmetric:
     if tuple(codes.shape) != (n, k) or scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1]:
         raise ArtifactError(f"quantized weights: {name} holds codes {tuple(codes.shape)} / scales "
                             f"{tuple(scales.shape)}, which do not fit the model's weight ({n}, {k})")
+    if input_scale is not None and tuple(input_scale.shape) != (c_in,):
+        raise ArtifactError(f"quantized weights: {name}.input_scale has shape {tuple(input_scale.shape)}, "
+                            f"expected ({c_in},), one per input channel")
     if symmetric and bits < 8:
         codes = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits,
-                           group_size=k // scales.shape[1], shape=(n, k))
+    return QuantizedLayer(QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits,
+                                          group_size=k // scales.shape[1], shape=(n, k)), input_scale)
 
 
 def _unsigned(qw: QuantizedWeight) -> tuple[Tensor, Tensor]:
@@ -146,11 +163,13 @@ class PackedLinear(nn.Module, abc.ABC):
 
     is_packed = True  # the evaluate harness counts this layer by its logical (out, in) size
 
-    def __init__(self, qw: QuantizedWeight, bias: Tensor | None):
+    def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
         super().__init__()
-        self.out_features, self.in_features = qw.shape
-        self.bits, self.group_size = qw.bits, qw.group_size
+        self.out_features, self.in_features = layer.weight.shape
+        self.bits, self.group_size = layer.weight.bits, layer.weight.group_size
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        scale = layer.input_scale
+        self.register_buffer("input_scale", None if scale is None else scale.float().to(device))  # (in_features,)
 
     @abc.abstractmethod
     def _matmul(self, x: Tensor) -> Tensor:  # (M, K) -> (M, N)
@@ -158,6 +177,8 @@ class PackedLinear(nn.Module, abc.ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -174,8 +195,9 @@ class Int8Linear(PackedLinear):
     ``Σ_k x_k · s_n (z_n − 128)`` is added in fp32.
     """
 
-    def __init__(self, qw: QuantizedWeight, bias: Tensor | None, device: torch.device):
-        super().__init__(qw, bias)
+    def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
+        super().__init__(layer, bias, device)
+        qw = layer.weight
         scales = qw.scales[:, 0].float()  # (N,)
         codes = qw.codes if qw.symmetric else (qw.codes.to(torch.int16) - 128).to(torch.int8)
         zero_term = None if qw.symmetric else scales * (qw.zeros[:, 0].float() - 128)  # (N,)
@@ -193,8 +215,9 @@ class Int8Linear(PackedLinear):
 class Int4CpuLinear(PackedLinear):
     """2/3/4-bit group-wise weights on torch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: Tensor | None, device: torch.device):
-        super().__init__(qw, bias)
+    def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
+        super().__init__(layer, bias, device)
+        qw = layer.weight
         codes, zeros = _unsigned(qw)
         packed, scales_and_zeros = prepare_int4_cpu(codes, qw.scales, zeros, qw.group_size)  # converted once
         self.register_buffer("weight_int4pack", packed.to(device))  # (N, K/2) uint8, torch's blocked layout
@@ -207,8 +230,9 @@ class Int4CpuLinear(PackedLinear):
 class W4A16Linear(PackedLinear):
     """2/3/4-bit group-wise weights in our nibble layout on ``kernels.w4a16_matmul`` (GPU path)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: Tensor | None, device: torch.device, kernel: kernels.Kernel):
-        super().__init__(qw, bias)
+    def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device, kernel: kernels.Kernel):
+        super().__init__(layer, bias, device)
+        qw = layer.weight
         codes, zeros = _unsigned(qw)
         self.kernel = kernel
         self.register_buffer("qweight", pack_int4(codes).to(device))  # (N, K/2) uint8
@@ -219,17 +243,18 @@ class W4A16Linear(PackedLinear):
         return kernels.w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size, kernel=self.kernel)
 
 
-def _execution_module(qw: QuantizedWeight, bias: Tensor | None, device: torch.device,
+def _execution_module(layer: QuantizedLayer, bias: Tensor | None, device: torch.device,
                       kernel: kernels.Kernel) -> PackedLinear | None:
-    """The packed module that will run this weight, or None to dequantize to dense."""
+    """The packed module that will run this layer, or None to dequantize to dense."""
+    qw = layer.weight
     n, k = qw.shape
     if qw.bits == 8:
-        return Int8Linear(qw, bias, device) if device.type == "cpu" and qw.group_size == k else None
+        return Int8Linear(layer, bias, device) if device.type == "cpu" and qw.group_size == k else None
     if device.type == "cpu" and kernel == "auto":
-        return Int4CpuLinear(qw, bias, device) if supports_int4_cpu(n, k, qw.group_size) else None
+        return Int4CpuLinear(layer, bias, device) if supports_int4_cpu(n, k, qw.group_size) else None
     if k % 2 or qw.group_size % 2:
         return None
-    return W4A16Linear(qw, bias, device, kernel)
+    return W4A16Linear(layer, bias, device, kernel)
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -> None:
@@ -245,6 +270,16 @@ def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -
                             f"unexpected {sorted(unexpected)[:5]}")
 
 
+def read_layers(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, QuantizedLayer]:
+    """The QuantizedLayer of every packed layer in ``tensors``, checked against ``model``'s shapes."""
+    bits, symmetric, names, scaled = _read_layout(metadata)
+    try:
+        modules = {name: model.get_submodule(name) for name in names}
+    except AttributeError as e:
+        raise ArtifactError(f"quantized weights do not match the model: {e}") from None
+    return {name: _read_quantized(tensors, name, bits, symmetric, m, name in scaled) for name, m in modules.items()}
+
+
 def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
                    kernel: kernels.Kernel = "auto") -> nn.Module:
     """Load ``quantize_model`` output into ``model`` (same architecture), in place.
@@ -255,29 +290,25 @@ def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[
     ``kernel`` picks the W4A16 implementation (``kernels.resolve_kernel``); on CPU,
     ``"auto"`` uses torch's packed CPU ops instead.
     """
-    bits, symmetric, names = _read_layout(metadata)
     params = next(model.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
     kernels.resolve_kernel(kernel, device)  # fail early on a bad setting
-    _load_rest(copy.deepcopy(model), tensors, names)  # validate everything before touching the model
-    layers = {}
-    for name in names:
+    layers = read_layers(model, tensors, metadata)
+    _load_rest(copy.deepcopy(model), tensors, list(layers))  # validate everything before touching the model
+    _load_rest(model, tensors, list(layers))
+    for name, layer in layers.items():
         module = model.get_submodule(name)
-        layers[name] = _read_quantized(tensors, name, bits, symmetric, module.weight.shape[0], module.weight[0].numel())
-    _load_rest(model, tensors, names)
-    for name, qw in layers.items():
-        module = model.get_submodule(name)
-        packed = _execution_module(qw, module.bias, device, kernel) if type(module) is nn.Linear else None
+        packed = _execution_module(layer, module.bias, device, kernel) if type(module) is nn.Linear else None
         if packed is None:
             with torch.no_grad():
-                module.weight.copy_(dequantize(qw).reshape(module.weight.shape))
+                module.weight.copy_(layer.effective_weight().reshape(module.weight.shape))
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, packed)
     return model
 
 
-def save_packed(path, tensors: dict[str, Tensor], cfg: RtnConfig) -> None:
+def save_packed(path, tensors: dict[str, Tensor], cfg: GridConfig) -> None:
     """Write ``quantize_model`` output with its layout in the safetensors metadata."""
     save_tensors(path, tensors, metadata=packed_layout(cfg, tensors))
 

@@ -14,6 +14,10 @@ Statistics are taken per tensor, per output channel (row), or per group of
 ``group_size`` consecutive input channels. An all-zero range gets s = 1 (any positive
 scale reproduces it exactly). Codes, scales and zero-points are returned (not only ŵ)
 so the packed storage and ``kernels/`` can run the real low-bit matmul.
+
+``GridConfig`` holds the grid settings every PTQ method's config shares, so GPTQ and AWQ are
+compared with RTN on the same grid; ``fit_grid`` and ``round_to_grid`` are the two halves of
+the quantizer that GPTQ calls column by column.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 
-class RtnConfig(BaseModel):
-    """One RTN variant (``params/quantize.yaml``: ``quantize.variants[*]``)."""
+class GridConfig(BaseModel):
+    """The uniform grid every PTQ variant quantizes onto (``quantize.variants[*]``); each
+    method's config adds its own settings to these."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="variant name used for the artifact, e.g. 'int8' or 'w4g32'")
-    method: Literal["rtn"] = "rtn"
+    method: str = Field(description="the registry key of the method: rtn, gptq or awq")
     bits: Literal[2, 3, 4, 8] = Field(description="bits per weight code")
     granularity: Literal["tensor", "channel", "group"] = Field(
         default="channel", description="one scale per tensor, per output channel, or per input-channel group")
@@ -40,12 +45,18 @@ class RtnConfig(BaseModel):
     symmetric: bool = Field(default=True, description="zero-point fixed at 0 (True) or fitted per range (False)")
 
     @model_validator(mode="after")
-    def _group_size_is_power_of_two(self) -> RtnConfig:
+    def _group_size_is_power_of_two(self) -> GridConfig:
         g = self.group_size
         if self.granularity == "group" and (g < 16 or g & (g - 1)):
             raise ValueError(f"quantize.group_size: {g} is not a power of two >= 16 "
                              "(16, 32, 64, 128, ...); granularity 'group' needs one")
         return self
+
+
+class RtnConfig(GridConfig):
+    """One RTN variant: round every weight to the nearest point of the grid, no calibration."""
+
+    method: Literal["rtn"] = "rtn"
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,8 @@ def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _group_size(cfg: RtnConfig, k: int) -> int:
+def group_size(cfg: GridConfig, k: int) -> int:
+    """Input channels per scale for a weight with ``k`` input columns (k itself unless grouped)."""
     if cfg.granularity != "group":
         return k
     if k % cfg.group_size:
@@ -85,7 +97,7 @@ def _group_size(cfg: RtnConfig, k: int) -> int:
     return cfg.group_size
 
 
-def _grid(wg: Tensor, cfg: RtnConfig, per_tensor: bool) -> tuple[Tensor, Tensor | None]:
+def fit_grid(wg: Tensor, cfg: GridConfig, per_tensor: bool) -> tuple[Tensor, Tensor | None]:
     """Scale and zero-point per group row of ``wg`` (N, G, g) -> (N, G) each."""
     dims = (0, 1, 2) if per_tensor else (2,)
     if cfg.symmetric:
@@ -100,19 +112,23 @@ def _grid(wg: Tensor, cfg: RtnConfig, per_tensor: bool) -> tuple[Tensor, Tensor 
     return s.expand(*wg.shape[:2], 1).squeeze(-1), z.expand(*wg.shape[:2], 1).squeeze(-1)
 
 
-def quantize_weight(w: Tensor, cfg: RtnConfig) -> QuantizedWeight:
+def round_to_grid(w: Tensor, s: Tensor, z: Tensor | None, cfg: GridConfig) -> Tensor:
+    """Float codes clamp(round(w / s) + z, qmin, qmax); s and z broadcast against w."""
+    q = torch.round(w / s)
+    if z is not None:
+        q = q + z
+    return q.clamp(*code_range(cfg.bits, cfg.symmetric))
+
+
+def quantize_weight(w: Tensor, cfg: GridConfig) -> QuantizedWeight:
     """Round-to-nearest a weight matrix (N, K) = (out_features, in_features)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_weight: expected a 2-D weight (N, K), got shape {tuple(w.shape)}")
     n, k = w.shape
-    g = _group_size(cfg, k)
+    g = group_size(cfg, k)
     wg = w.detach().float().reshape(n, k // g, g)  # (N, G, g)
-    s, z = _grid(wg, cfg, per_tensor=cfg.granularity == "tensor")  # (N, G) each
-    qmin, qmax = code_range(cfg.bits, cfg.symmetric)
-    q = torch.round(wg / s[..., None])  # (N, G, g)
-    if z is not None:
-        q = q + z[..., None]
-    q = q.clamp(qmin, qmax).reshape(n, k)  # (N, K)
+    s, z = fit_grid(wg, cfg, per_tensor=cfg.granularity == "tensor")  # (N, G) each
+    q = round_to_grid(wg, s[..., None], None if z is None else z[..., None], cfg).reshape(n, k)  # (N, K)
     codes = q.to(torch.int8 if cfg.symmetric else torch.uint8)
     return QuantizedWeight(codes=codes, scales=s.contiguous(), zeros=None if z is None else z.contiguous(),
                            bits=cfg.bits, group_size=g, shape=(n, k))
@@ -127,6 +143,6 @@ def dequantize(qw: QuantizedWeight) -> Tensor:
     return (q * qw.scales.float()[..., None]).reshape(n, k)
 
 
-def fake_quantize(w: Tensor, cfg: RtnConfig) -> Tensor:
+def fake_quantize(w: Tensor, cfg: GridConfig) -> Tensor:
     """Q(w) = dequantize(quantize_weight(w)) in w's shape and dtype."""
     return dequantize(quantize_weight(w, cfg)).to(w.dtype)

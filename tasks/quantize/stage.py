@@ -1,4 +1,10 @@
-"""quantize stage runner: one packed artifact per configured variant of the trained base."""
+"""quantize stage runner: one packed artifact per configured variant of the trained base.
+
+Per variant the metrics hold the method, the packed size, and how close the loaded model (run
+by the real low-bit kernels) stays to the float model on the calibration set: top-1
+agreement, mean KL of the output distributions, and the mean relative layer-output error
+‖Y_l − Ŷ_l‖_F / ‖Y_l‖_F over the quantized layers (each seeing its own model's earlier layers).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import torch.nn.functional as F
 from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta, write_meta
 from slimforge.checkpoint import build_from_spec, load_model
 from slimforge.data import load_dataset
+from tasks.quantize.layerwise import layer_output_errors
 from tasks.quantize.packed import load_packed_artifact, quantize_model, save_packed
 from tasks.select.output import named_set
 
@@ -36,14 +43,16 @@ def run(params, ws, fanout=None) -> dict:
         for variant in cfg.variants:
             target = d / variant.name
             target.mkdir()
-            tensors = quantize_model(base, variant)
+            tensors = quantize_model(base, variant, calib_x)
             save_packed(target / WEIGHTS, tensors, variant)
             write_meta(target, root=ws.root, stage="quantize", method=variant.method,
                        config=variant.model_dump(mode="json"), seed=cfg.seed, parents=parents,
                        extra={"model": spec, "format": "packed", "kernel": cfg.kernel})
             quantized = load_packed_artifact(target, build_from_spec(spec), cfg.kernel)  # fail here, not downstream
-            packed = sum(k.endswith(".qweight") for k in tensors)
-            out[variant.name] = {"bits": variant.bits, "granularity": variant.granularity,
-                                 "packed_layers": packed, "size_bytes": (target / WEIGHTS).stat().st_size,
-                                 "calibration_examples": len(calib_x), **calibration_fidelity(base, quantized, calib_x)}
+            packed = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+            errors = layer_output_errors(base, quantized, calib_x, packed)
+            out[variant.name] = {"method": variant.method, "bits": variant.bits, "granularity": variant.granularity,
+                                 "packed_layers": len(packed), "size_bytes": (target / WEIGHTS).stat().st_size,
+                                 "calibration_examples": len(calib_x), **calibration_fidelity(base, quantized, calib_x),
+                                 "calibration_layer_error": round(sum(errors.values()) / max(len(errors), 1), 6)}
     return out

@@ -1,0 +1,183 @@
+"""Layer-by-layer PTQ: which layers are quantized, the order they go in, and their inputs.
+
+METHODS.md §5: "Layers go in order, each calibrated on inputs from the *already quantized*
+layers before it." ``quantize_in_order`` runs a calibrated method that way (GPTQ's and
+AWQ's reference code quantize one transformer block at a time and feed the next block the
+quantized block's outputs; here the unit is one Linear/Conv2d):
+
+1. the forward order of the quantizable layers is read from forward pre-hooks on one
+   calibration example;
+2. for each layer, the calibration set runs through a working copy of the model in which
+   every earlier layer already holds its quantized weight; a pre-hook takes the layer's
+   input and stops the forward there;
+3. the input becomes the (M, K) matrix X the weight (N, K) multiplies: a Linear's rows
+   (tokens), or a Conv2d's unfolded patches (``F.unfold``, K = C_in·kh·kw in the order of
+   ``weight.flatten(1)``, padding included), so that W·Xᵀ is the layer's output;
+4. the method quantizes the weight from (W, X); the layer's effective weight replaces W in
+   the working copy before the next layer is calibrated.
+
+A layer the calibration forward never calls as a module (nn.MultiheadAttention's out_proj,
+which the fused attention reads by ``.weight``) or whose input patches unfold cannot
+reproduce (grouped or non-zero-padded convs) gets no X and is quantized by RTN.
+RTN itself (``quantize_rtn``) needs no calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tasks.quantize.rtn import GridConfig, QuantizedWeight, dequantize, quantize_weight
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """A method's result for one layer: the codes and, for AWQ, the input scaling.
+
+    input_scale: (C_in,) float32 or None: the layer computes ŵ·(x ⊙ input_scale), one factor
+        per input feature (Linear) or input channel (Conv2d, shared by its kh·kw taps).
+    """
+
+    weight: QuantizedWeight
+    input_scale: Tensor | None = None
+
+    def effective_weight(self) -> Tensor:
+        """(N, K) float32 dense weight computing the same function: ŵ with input_scale folded
+        into its columns."""
+        w = dequantize(self.weight)
+        if self.input_scale is None:
+            return w
+        return w * self.input_scale.repeat_interleave(w.shape[1] // len(self.input_scale))[None, :]
+
+
+LayerMethod = Callable[[Tensor, Tensor, int, GridConfig], QuantizedLayer]  # (W (N, K), X (M, K), taps, cfg)
+
+
+def fits(k: int, cfg: GridConfig) -> bool:
+    """Whether a weight with ``k`` input columns can be stored on cfg's grid (groups divide k;
+    4-bit codes pack two per byte along k)."""
+    group_ok = cfg.granularity != "group" or k % cfg.group_size == 0
+    return group_ok and (cfg.bits != 4 or k % 2 == 0)
+
+
+def quantizable(model: nn.Module, cfg: GridConfig) -> dict[str, nn.Linear | nn.Conv2d]:
+    """Every Linear/Conv2d whose weight, viewed as (out, in·kh·kw), fits cfg's grid, by name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and fits(m.weight[0].numel(), cfg)}
+
+
+def taps(module: nn.Linear | nn.Conv2d) -> int:
+    """Weight columns per input channel: kh·kw for a Conv2d, 1 for a Linear."""
+    return module.weight[0].numel() // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
+
+
+def quantize_rtn(model: nn.Module, x: Tensor | None, cfg: GridConfig) -> dict[str, QuantizedLayer]:
+    """The RTN method: every quantizable layer rounded to the grid; ``x`` is not needed."""
+    return {name: QuantizedLayer(quantize_weight(_matrix(m), cfg)) for name, m in quantizable(model, cfg).items()}
+
+
+def _matrix(module: nn.Module) -> Tensor:
+    return module.weight.detach().float().reshape(module.weight.shape[0], -1)  # (N, K)
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the captured layer needs to run."""
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> list[str]:
+    """Names of ``layers`` in the order a forward of ``x`` first calls them; layers it never
+    calls follow in module order."""
+    seen: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
+             for name, m in layers.items()]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen + [n for n in layers if n not in seen]
+
+
+def _conv_columns(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B·L, C·kh·kw): the patches the kernel multiplies, one row per position."""
+    padding = conv.padding
+    if isinstance(padding, str):  # 'valid', or 'same' (torch puts an odd extra pad at the end)
+        if padding == "same":
+            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]  # (h, w)
+            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+        padding = 0
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)  # (B, K, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _unfoldable(module: nn.Module) -> bool:
+    return not isinstance(module, nn.Conv2d) or (module.groups == 1 and module.padding_mode == "zeros")
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Tensor) -> Tensor | None:
+    """X (M, K) of ``module`` when ``model`` runs ``x``, or None if it is never called as a module."""
+    if not _unfoldable(module):
+        return None
+    seen: list[Tensor] = []
+
+    def capture(_m, args):
+        seen.append(args[0].detach().float())
+        raise _Stop
+
+    hook = module.register_forward_pre_hook(capture)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    if not seen:
+        return None
+    inp = seen[0]
+    return _conv_columns(module, inp) if isinstance(module, nn.Conv2d) else inp.reshape(-1, inp.shape[-1])
+
+
+def quantize_in_order(model: nn.Module, x: Tensor | None, cfg: GridConfig,
+                      method: LayerMethod) -> dict[str, QuantizedLayer]:
+    """Run a calibrated per-layer ``method`` over ``model``'s quantizable layers in forward order,
+    each on inputs from the already quantized layers before it. ``model`` is not modified."""
+    if x is None:
+        raise ValueError(f"quantize.variants: {cfg.name!r} (method {cfg.method}) needs calibration inputs")
+    work = copy.deepcopy(model).eval()
+    layers = quantizable(work, cfg)
+    out: dict[str, QuantizedLayer] = {}
+    for name in forward_order(work, x[:1], layers):
+        module = layers[name]
+        w, cols = _matrix(module), layer_inputs(work, module, x)
+        out[name] = QuantizedLayer(quantize_weight(w, cfg)) if cols is None else method(w, cols, taps(module), cfg)
+        with torch.no_grad():
+            module.weight.copy_(out[name].effective_weight().reshape(module.weight.shape))
+    return {name: out[name] for name in layers}
+
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """The output of each named layer when ``model`` runs ``x``; layers not called as modules are left out."""
+    outputs: dict[str, Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda _m, _a, y, n=name: outputs.setdefault(n, y.detach().float())) for name in names]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs
+
+
+def layer_output_errors(reference: nn.Module, model: nn.Module, x: Tensor, names: list[str]) -> dict[str, float]:
+    """‖Y_l − Ŷ_l‖_F / ‖Y_l‖_F of each named layer's output, ``model`` vs ``reference`` on the same
+    inputs ``x`` (each layer sees its own model's earlier layers)."""
+    ref, got = layer_outputs(reference, x, names), layer_outputs(model, x, names)
+    return {n: float((ref[n] - got[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref if n in got}

@@ -1,0 +1,51 @@
+"""Fixtures shared by the quantize tests: models trained briefly on sklearn digits."""
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from slimforge.models import CNNConfig, MLPConfig, build_model
+from slimforge.training import FitConfig, fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run much faster on one intra-op thread on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """sklearn digits as (x_train, y_train, x_test, y_test): 1,200 / 597, pixels in [0, 1]."""
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)  # (1797, 64), (1797,)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1200], y[:1200], x[1200:], y[1200:]
+
+
+def _trained(arch, digits_split, seed: int) -> torch.nn.Module:
+    xtr, ytr, _, _ = digits_split
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model(arch, (64,), 10)
+    with torch.no_grad():  # a seeded uniform fan-in init, no global RNG
+        for p in model.parameters():
+            bound = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
+            p.uniform_(-bound, bound, generator=gen)
+    fit(model, xtr, ytr, FitConfig(epochs=6, batch_size=64, lr=3e-3), gen)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits_split) -> torch.nn.Module:
+    """MLP 64-128-64-10, ~96% on the digits test split."""
+    return _trained(MLPConfig(hidden=[128, 64]), digits_split, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits_split) -> torch.nn.Module:
+    """CNN on the 1×64 row image: conv 1→8, conv 8→16 (1×3 kernels), FC 256→32→10."""
+    return _trained(CNNConfig(channels=[8, 16], hidden=32), digits_split, seed=1)
