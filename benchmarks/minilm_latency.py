@@ -1,14 +1,19 @@
-"""all-MiniLM-L6-v2 on CPU: fp32 vs RTN int8 / int4 on the packed low-bit kernels.
+"""all-MiniLM-L6-v2 on CPU: fp32 vs RTN int8 / int4 and SmoothQuant W8A8 on the packed low-bit kernels.
 
 Quantizes every Linear of the real pretrained encoder (``slimforge.text.load_minilm``) with
-the quantize stage's RTN (``quantize_model`` + ``load_quantized``: int8 per-channel on
-``_weight_int8pack_mm``, int4 group-32 on ``_weight_int4pack_mm_for_cpu``) and reports,
-per variant, ms to encode one batch of real English sentences (tokenize, encoder, mean
-pooling, normalise; median of repeats after a warm-up, as the evaluate harness's
-``latency_ms``) at each thread count, plus the agreement of its sentence embeddings with
-fp32 on ``--sentences`` sentences (``slimforge.text.embedding_agreement``).
+the quantize stage (``quantize_model`` + ``load_quantized``): RTN int8 per-channel on
+``_weight_int8pack_mm`` and int4 group-32 on ``_weight_int4pack_mm_for_cpu`` (weight-only,
+bf16 activations around the ops), and SmoothQuant W8A8 (α = 0.5, int8 per-channel weights,
+activations quantized per tensor or per token, both on fbgemm's dynamic int8 Linear through
+``W8A8Linear``), calibrated on ``--calibration`` sentences each cut to its first 16 tokens so
+the calibration batch needs no padding. It reports, per variant, ms to encode one batch of
+real English sentences (tokenize, encoder, mean pooling, normalise; median of repeats after a
+warm-up, as the evaluate harness's ``latency_ms``) at each thread count, plus the agreement
+of its sentence embeddings with fp32 on ``--sentences`` sentences
+(``slimforge.text.embedding_agreement``).
 
     python -m benchmarks.minilm_latency [--threads 1 2] [--batch 64] [--repeats 10] [--sentences 400]
+        [--calibration 64]
 """
 
 from __future__ import annotations
@@ -24,17 +29,27 @@ from torch import nn
 
 from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
 from tasks.quantize.packed import load_quantized, packed_layout, quantize_model
-from tasks.quantize.rtn import RtnConfig
+from tasks.quantize.rtn import GridConfig, RtnConfig
+from tasks.quantize.smoothquant import SmoothQuantConfig
 
 VARIANTS = {
     "int8 per-channel": RtnConfig(name="int8", bits=8, granularity="channel"),
     "int4 group-32": RtnConfig(name="int4", bits=4, granularity="group", group_size=32),
+    "W8A8 smoothquant per-tensor": SmoothQuantConfig(name="sq-t", method="smoothquant", activations="per_tensor"),
+    "W8A8 smoothquant per-token": SmoothQuantConfig(name="sq", method="smoothquant"),
 }
+CALIBRATION_TOKENS = 16
 
 
-def quantize_minilm(model: nn.Module, cfg: RtnConfig) -> nn.Module:
-    """A copy of ``model`` whose Linear layers run packed RTN weights."""
-    state = quantize_model(model, cfg)
+def calibration_ids(tokenizer, sentences: list[str]) -> torch.Tensor:
+    """input_ids (B, 16) of the sentences with at least 16 tokens, cut there: no padding to mask."""
+    ids = [tokenizer(s)["input_ids"] for s in sentences]
+    return torch.tensor([i[:CALIBRATION_TOKENS] for i in ids if len(i) >= CALIBRATION_TOKENS])
+
+
+def quantize_minilm(model: nn.Module, cfg: GridConfig, calib: torch.Tensor | None = None) -> nn.Module:
+    """A copy of ``model`` whose Linear layers run packed weights (calibrated on input_ids ``calib``)."""
+    state = quantize_model(model, cfg, calib)
     return load_quantized(copy.deepcopy(model), state, packed_layout(cfg, state)).eval()
 
 
@@ -56,10 +71,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="sentences per timed batch")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sentences", type=int, default=400, help="sentences for the agreement with fp32")
+    ap.add_argument("--calibration", type=int, default=64, help="sentences SmoothQuant calibrates on")
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = ap.parse_args()
     fp32, tokenizer = load_minilm()
-    models = {"fp32": fp32} | {name: quantize_minilm(fp32, cfg) for name, cfg in VARIANTS.items()}
+    calib = calibration_ids(tokenizer, english_sentences(args.calibration))
+    models = {"fp32": fp32} | {name: quantize_minilm(fp32, cfg, calib) for name, cfg in VARIANTS.items()}
     sentences = english_sentences(args.sentences)
     batch = english_sentences(args.batch)
     reference = encode(fp32, tokenizer, sentences)

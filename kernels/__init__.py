@@ -11,8 +11,12 @@ nowhere else:
   imported) and raises a ValueError otherwise.
 - ``"auto"`` picks Triton only for CUDA tensors when Triton is installed, else torch.
 
-Triton is imported lazily, inside ``kernels.triton_int4``, the first time the Triton path
-runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
+Ops: ``w4a16_matmul`` (group-wise uint4 weights, float activations; ``kernels.int4``) and
+``w8a8_matmul`` (int8 weights and int8 per-token or per-tensor activations, int32
+accumulate; ``kernels.w8a8``, with ``quantize_activations`` for the run-time int8 codes).
+
+Triton is imported lazily, inside ``kernels.triton_int4`` / ``kernels.triton_w8a8``, the
+first time a Triton path runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
 ``_weight_*pack_mm`` kernels) live in ``kernels.cpu`` and are called directly by the
 quantize stage's packed modules.
 """
@@ -27,11 +31,13 @@ import torch
 from torch import Tensor
 
 from kernels.int4 import pack_int4, torch_w4a16_matmul, unpack_int4
+from kernels.w8a8 import quantize_activations, torch_w8a8_matmul
 
 Kernel = Literal["auto", "torch", "triton"]
 KERNELS: tuple[str, ...] = get_args(Kernel)
 
-__all__ = ["KERNELS", "Kernel", "pack_int4", "resolve_kernel", "triton_available", "unpack_int4", "w4a16_matmul"]
+__all__ = ["KERNELS", "Kernel", "pack_int4", "quantize_activations", "resolve_kernel", "triton_available",
+           "unpack_int4", "w4a16_matmul", "w8a8_matmul"]
 
 
 def triton_available() -> bool:
@@ -74,3 +80,18 @@ def w4a16_matmul(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group
 
         return triton_w4a16_matmul(x, packed, scales, zeros, group_size)
     return torch_w4a16_matmul(x, packed, scales, zeros, group_size)
+
+
+def w8a8_matmul(x_q: Tensor, x_scales: Tensor, w_q: Tensor, w_scales: Tensor,
+                out_dtype: torch.dtype = torch.float32, kernel: Kernel = "auto") -> Tensor:
+    """``(x_q @ w_qᵀ) · x_scales[:, None] · w_scales[None, :]`` with an exact int32 accumulator.
+
+    x_q (M, K) int8 with x_scales (M,) (one per token; per-tensor repeats one value);
+    w_q (N, K) int8 with w_scales (N,). Returns (M, N) in ``out_dtype``; ``torch.int32``
+    returns the raw accumulator. See ``kernels.w8a8``.
+    """
+    if resolve_kernel(kernel, x_q.device) == "triton":
+        from kernels.triton_w8a8 import triton_w8a8_matmul  # lazy: imports triton
+
+        return triton_w8a8_matmul(x_q, x_scales, w_q, w_scales, out_dtype)
+    return torch_w8a8_matmul(x_q, x_scales, w_q, w_scales, out_dtype)

@@ -1,4 +1,4 @@
-"""Thin wrappers over torch's packed low-bit CPU kernels (weight-only int8 and int4).
+"""Thin wrappers over torch's packed low-bit CPU kernels (weight-only int8 and int4, and W8A8).
 
 These are the real low-bit GEMMs on CPU (oneDNN/AVX-512 code in ATen), so a quantized
 model is timed with the kernel it would really run (DESIGN.md rule 7). Their references
@@ -23,9 +23,23 @@ inductor passes that call these ops, and checked numerically in ``tests/kernels/
   (tinygemm convention). Our ``s * (q - z)`` therefore maps to ``zero = s * (8 - z)``.
   Requires group_size in {32, 64, 128, 256} and K % group_size == 0. bfloat16
   activations are the fast path (fp32 is ~30x slower).
+
+``torch.ops.quantized.linear_dynamic(x fp32, packed, reduce_range)`` (fbgemm, torch.ao's
+dynamic quantized Linear) is the W8A8 CPU kernel: it quantizes x *per tensor* at run
+time (asymmetric uint8; ``reduce_range=True`` keeps codes in [0, 127] so AVX2's 16-bit
+pair sums cannot saturate), multiplies by int8 per-channel weights prepacked by
+``linear_prepack`` with int32 accumulation, and rescales to fp32. It is *not* bit-identical
+to ``kernels.w8a8`` (its activation grid differs), so it is checked by an SQNR floor.
+Measured on this 2-core AVX2 machine: 3x faster than fp32 at batch 1-16 for a 4096×4096
+layer, while ``torch._int_mm`` (int8×int8→int32, no activation quantizer) is 20x *slower*.
+Per-token scales run on the same op (``int8_dynamic_matmul(..., per_token=True)``): each row
+is divided by its max |x| first, so one per-tensor grid over the normalised rows is a
+per-token grid, and the output rows are multiplied back (exact: the op is linear per row).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -97,4 +111,41 @@ def int4_weight_matmul(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, grou
     """x (M, K) float @ the int4 weight prepared by ``prepare_int4_cpu`` -> (M, N) in x's dtype."""
     y = torch._weight_int4pack_mm_for_cpu(x.to(scales_and_zeros.dtype).contiguous(), packed,
                                           group_size, scales_and_zeros)  # (M, N)
+    return y.to(x.dtype)
+
+
+def int8_dynamic_available() -> bool:
+    """Whether torch was built with a quantized CPU engine (fbgemm/x86) for ``linear_dynamic``."""
+    return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
+
+
+def prepare_int8_dynamic(w_int8: Tensor, scales: Tensor):
+    """Prepack symmetric int8 codes (N, K) with per-channel scales (N,) for ``int8_dynamic_matmul``.
+
+    Done once at load time; returns fbgemm's opaque packed weight (no bias: callers add it).
+    """
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2 or scales.shape != (w_int8.shape[0],):
+        raise ValueError(f"prepare_int8_dynamic: expected int8 (N, K) and scales (N,), got {w_int8.dtype} "
+                         f"{tuple(w_int8.shape)}, {tuple(scales.shape)}")
+    zeros = torch.zeros(w_int8.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch deprecates quantized tensors, but this op still needs one
+        warnings.simplefilter("ignore")
+        qweight = torch._make_per_channel_quantized_tensor(w_int8.cpu(), scales.double().cpu(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+def int8_dynamic_matmul(x: Tensor, packed, per_token: bool = False) -> Tensor:
+    """x (M, K) float @ prepacked int8 weightᵀ, x quantized at run time -> (M, N) in x's dtype.
+
+    Per tensor by default; ``per_token`` normalises each row by its max |x| before the op's
+    per-tensor quantizer and scales the output row back, giving every token its own grid.
+    """
+    xf = x.float()
+    if per_token:
+        row_max = xf.abs().amax(dim=1, keepdim=True)  # (M, 1)
+        row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+        xf = xf / row_max
+    y = torch.ops.quantized.linear_dynamic(xf.contiguous(), packed, True)  # (M, N); reduce_range: AVX2-safe
+    if per_token:
+        y = y * row_max
     return y.to(x.dtype)

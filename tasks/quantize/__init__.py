@@ -1,15 +1,17 @@
-"""quantize stage: post-training weight quantization, keyed by the ``method:`` name used in YAML.
+"""quantize stage: post-training and quantization-aware weight quantization, keyed by the
+``method:`` name used in YAML.
 
 The registry below is the one place a ``quantize.variants[*].method`` name is resolved. Each
 entry is (config class, function(model, calibration inputs x, cfg) -> {layer name:
-QuantizedLayer}); ``packed.py`` stores any method's result in one packed format and runs it
+QuantizedLayer}); a method registered with ``data="train"`` (QAT) gets the labelled train split
+(x, y) in place of x. ``packed.py`` stores any method's result in one packed format and runs it
 with the real low-bit kernels. A variant that names no method is an RTN one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, NamedTuple, Union
+from typing import Annotated, Literal, NamedTuple, Union
 
 from pydantic import BaseModel, Discriminator, Tag
 
@@ -17,7 +19,9 @@ from tasks.quantize.awq import AwqConfig, quantize_awq
 from tasks.quantize.gptq import GptqConfig, quantize_gptq
 from tasks.quantize.layerwise import QuantizedLayer, quantize_rtn
 from tasks.quantize.packed import load_packed_artifact, quantize_model, save_packed
+from tasks.quantize.qat import QatConfig, quantize_qat
 from tasks.quantize.rtn import RtnConfig
+from tasks.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
 
 __all__ = ["METHODS", "AwqConfig", "GptqConfig", "Method", "QuantizeMethod", "QuantizedLayer", "RtnConfig",
            "get_method", "load_packed_artifact", "quantize_model", "save_packed"]
@@ -26,12 +30,16 @@ __all__ = ["METHODS", "AwqConfig", "GptqConfig", "Method", "QuantizeMethod", "Qu
 class Method(NamedTuple):
     config: type[BaseModel]
     quantize: Callable
+    # what the stage passes as x: calibration inputs, or (x, y) of the labelled train split (QAT)
+    data: Literal["calibration", "train"] = "calibration"
 
 
 METHODS: dict[str, Method] = {
     "rtn": Method(RtnConfig, quantize_rtn),
     "gptq": Method(GptqConfig, quantize_gptq),
     "awq": Method(AwqConfig, quantize_awq),
+    "smoothquant": Method(SmoothQuantConfig, quantize_smoothquant),
+    "qat": Method(QatConfig, quantize_qat, data="train"),
 }
 
 DEFAULT_METHOD = "rtn"

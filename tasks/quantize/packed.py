@@ -1,4 +1,4 @@
-"""Packed storage and real low-bit execution of weight-only quantized models (every PTQ method).
+"""Packed storage and real low-bit execution of quantized models (every PTQ method, and W8A8).
 
 Storage (``quantize_model``, ``pack_layers``): every nn.Linear and nn.Conv2d weight, viewed as
 (N, K) = (out, in·kh·kw), whose K fits the granularity (group_size divides K; for 4-bit also K
@@ -13,11 +13,24 @@ even) is quantized by the variant's method and replaced in the safetensors state
 - ``<name>.input_scale``: float32 (C_in,), only for layers whose method scales the input
   (AWQ's 1/s): the layer computes ŵ·(x ⊙ input_scale), one factor per input feature of a
   Linear or input channel of a Conv2d. The metadata key ``input_scales`` lists these layers.
+  SmoothQuant's migration is stored the same way (1/s).
+
+The metadata key ``w8a8`` (a JSON object, absent in files from before it: read as ``{}``)
+marks layers whose *activations* are quantized too, mapping each such layer to its dynamic
+activation granularity, ``per_token`` or ``per_tensor`` (SmoothQuant variants mark every
+packed layer). Their weights are 8-bit symmetric with one scale per output channel or tensor.
 
 Everything else (biases, norms, layers that do not fit) stays float32 under its own name.
 
 Execution (``load_quantized``): each quantized plain nn.Linear becomes a ``PackedLinear``
 that runs a real low-bit op, chosen once at load time:
+
+- a ``w8a8`` layer: ``W8A8Linear``, activations quantized to int8 at every call. On CUDA
+  (or ``kernel="triton"``) it runs ``kernels.w8a8_matmul``'s Triton kernel; on CPU with
+  ``kernel="auto"``, fbgemm's dynamic int8 Linear (``kernels.cpu.int8_dynamic_matmul``,
+  its own asymmetric 7-bit-range uint8 activation grid, per tensor or, rows normalised
+  first, per token: close to but not bit-identical with ``kernels.w8a8``); with
+  ``kernel="torch"`` the exact torch reference.
 
 - CPU, 8-bit per-channel/tensor: ``Int8Linear`` -> ``kernels.cpu.int8_weight_matmul``.
 - CPU, 2/3/4-bit (codes all fit a nibble), ``kernel="auto"``: ``Int4CpuLinear`` ->
@@ -26,7 +39,8 @@ that runs a real low-bit op, chosen once at load time:
   ``kernels.w4a16_matmul``.
 - Anything else (8-bit groups, shapes the kernels reject, conv layers, Linear layers that
   other modules read ``.weight`` from such as MultiheadAttention's out_proj) is
-  dequantized once at load into the original module's dense weight.
+  dequantized once at load into the original module's dense weight (for a ``w8a8`` layer
+  this drops the activation quantization: it runs as a weight-only layer).
 
 A packed module multiplies its input by ``input_scale`` before the low-bit matmul; a layer
 dequantized at load gets it folded into its dense weight's columns (ŵ·diag(input_scale)).
@@ -41,13 +55,22 @@ import abc
 import copy
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 import kernels
-from kernels.cpu import int4_weight_matmul, int8_weight_matmul, prepare_int4_cpu, supports_int4_cpu
+from kernels.cpu import (
+    int4_weight_matmul,
+    int8_dynamic_available,
+    int8_dynamic_matmul,
+    int8_weight_matmul,
+    prepare_int4_cpu,
+    prepare_int8_dynamic,
+    supports_int4_cpu,
+)
 from kernels.int4 import pack_int4, unpack_int4
 from slimforge.artifacts import WEIGHTS, ArtifactError, load_tensors, save_tensors
 from tasks.quantize.layerwise import QuantizedLayer
@@ -55,6 +78,7 @@ from tasks.quantize.rtn import GridConfig, QuantizedWeight
 
 FORMAT = "slimforge.packed/1"
 _SUFFIXES = ("qweight", "scales", "zeros", "input_scale")
+ACTIVATIONS = ("per_token", "per_tensor")
 
 
 def _store_codes(qw: QuantizedWeight) -> Tensor:
@@ -104,23 +128,52 @@ def packed_layout(cfg: GridConfig, tensors: dict[str, Tensor]) -> dict[str, str]
         "code_offset": str(2 ** (cfg.bits - 1) if cfg.symmetric and cfg.bits < 8 else 0),
         "packed": json.dumps(packed),
         "input_scales": json.dumps(sorted(k[: -len(".input_scale")] for k in tensors if k.endswith(".input_scale"))),
+        # a config whose method quantizes activations too (SmoothQuant) has a ``w8a8`` granularity
+        "w8a8": json.dumps({name: cfg.w8a8 for name in packed} if getattr(cfg, "w8a8", None) else {}),
     }
 
 
-def _read_layout(metadata: dict[str, str] | None) -> tuple[int, bool, list[str], set[str]]:
+class Layout(NamedTuple):
+    """What a packed file's metadata says: the grid, the packed layers, and which carry extras."""
+
+    bits: int
+    symmetric: bool
+    names: list[str]
+    scaled: set[str]  # layers with an input_scale
+    w8a8: dict[str, str]  # layer -> activation granularity, for W8A8 layers
+
+
+def _read_layout(metadata: dict[str, str] | None) -> Layout:
     if not metadata or metadata.get("format") != FORMAT:
         raise ArtifactError(f"quantized weights: metadata format is not {FORMAT!r}; was the file made by quantize?")
     try:
         bits, symmetric = int(metadata["bits"]), metadata["symmetric"] == "true"
         names = json.loads(metadata["packed"])
         scaled = set(json.loads(metadata.get("input_scales", "[]")))  # files from before input scales have none
+        w8a8 = json.loads(metadata.get("w8a8", "{}"))  # files from before W8A8 have none
     except (KeyError, ValueError) as e:
         raise ArtifactError(f"quantized weights: unreadable packed-layout metadata ({e})") from None
     if bits not in (2, 3, 4, 8):
         raise ArtifactError(f"quantized weights: bits {bits} is not one of 2, 3, 4, 8")
     if not scaled <= set(names):
         raise ArtifactError(f"quantized weights: input_scales names layers that are not packed: {sorted(scaled - set(names))}")
-    return bits, symmetric, names, scaled
+    _check_w8a8(w8a8, names, bits, symmetric, metadata.get("granularity"))
+    return Layout(bits, symmetric, names, scaled, w8a8)
+
+
+def _check_w8a8(w8a8, names: list[str], bits: int, symmetric: bool, granularity: str | None) -> None:
+    if not isinstance(w8a8, dict):
+        raise ArtifactError(f"quantized weights: w8a8 must map layer names to {' or '.join(ACTIVATIONS)}")
+    if not w8a8:
+        return
+    if not set(w8a8) <= set(names):
+        raise ArtifactError(f"quantized weights: w8a8 names layers that are not packed: {sorted(set(w8a8) - set(names))}")
+    bad = sorted(v for v in set(w8a8.values()) if v not in ACTIVATIONS)
+    if bad:
+        raise ArtifactError(f"quantized weights: w8a8 activation granularity {bad[0]!r} is not one of {', '.join(ACTIVATIONS)}")
+    if bits != 8 or not symmetric or granularity == "group":
+        raise ArtifactError(f"quantized weights: w8a8 layers need 8-bit symmetric per-channel or per-tensor weights, "
+                            f"the file holds {bits}-bit {'symmetric' if symmetric else 'asymmetric'} {granularity}")
 
 
 def _read_quantized(tensors: dict[str, Tensor], name: str, bits: int, symmetric: bool,
@@ -227,6 +280,35 @@ class Int4CpuLinear(PackedLinear):
         return int4_weight_matmul(x, self.weight_int4pack, self.scales_and_zeros, self.group_size)
 
 
+class W8A8Linear(PackedLinear):
+    """SmoothQuant W8A8: int8 weights per output channel, activations quantized to int8 at every call.
+
+    ``activations`` is the dynamic scale's granularity (``per_token`` or ``per_tensor``).
+    ``engine`` (fixed at load): ``"fbgemm"`` runs ``kernels.cpu.int8_dynamic_matmul`` (CPU,
+    ``kernel="auto"``), otherwise ``kernels.w8a8_matmul`` with that kernel setting.
+    """
+
+    def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device, kernel: kernels.Kernel,
+                 activations: str):
+        super().__init__(layer, bias, device)
+        qw = layer.weight
+        self.kernel, self.activations = kernel, activations
+        self.register_buffer("weight_int8", qw.codes.contiguous().to(device))  # (N, K) int8
+        self.register_buffer("scales", qw.scales[:, 0].float().to(device))  # (N,)
+        fbgemm = device.type == "cpu" and kernel == "auto" and int8_dynamic_available()
+        self.engine = "fbgemm" if fbgemm else kernels.resolve_kernel(kernel, device)
+        self._prepacked = prepare_int8_dynamic(qw.codes, self.scales.cpu()) if fbgemm else None
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        if self._prepacked is not None:
+            return int8_dynamic_matmul(x, self._prepacked, per_token=self.activations == "per_token")
+        x_q, x_scales = kernels.quantize_activations(x, self.activations)  # (M, K) int8, (M,)
+        return kernels.w8a8_matmul(x_q, x_scales, self.weight_int8, self.scales, out_dtype=x.dtype, kernel=self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activations={self.activations}, engine={self.engine}"
+
+
 class W4A16Linear(PackedLinear):
     """2/3/4-bit group-wise weights in our nibble layout on ``kernels.w4a16_matmul`` (GPU path)."""
 
@@ -244,10 +326,12 @@ class W4A16Linear(PackedLinear):
 
 
 def _execution_module(layer: QuantizedLayer, bias: Tensor | None, device: torch.device,
-                      kernel: kernels.Kernel) -> PackedLinear | None:
+                      kernel: kernels.Kernel, activations: str | None = None) -> PackedLinear | None:
     """The packed module that will run this layer, or None to dequantize to dense."""
     qw = layer.weight
     n, k = qw.shape
+    if activations is not None:
+        return W8A8Linear(layer, bias, device, kernel, activations)
     if qw.bits == 8:
         return Int8Linear(layer, bias, device) if device.type == "cpu" and qw.group_size == k else None
     if device.type == "cpu" and kernel == "auto":
@@ -272,7 +356,7 @@ def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -
 
 def read_layers(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, QuantizedLayer]:
     """The QuantizedLayer of every packed layer in ``tensors``, checked against ``model``'s shapes."""
-    bits, symmetric, names, scaled = _read_layout(metadata)
+    bits, symmetric, names, scaled, _ = _read_layout(metadata)
     try:
         modules = {name: model.get_submodule(name) for name in names}
     except AttributeError as e:
@@ -287,18 +371,20 @@ def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[
     Every tensor is checked before the model is touched, so a bad file raises an
     ArtifactError and leaves ``model`` unchanged.
 
-    ``kernel`` picks the W4A16 implementation (``kernels.resolve_kernel``); on CPU,
-    ``"auto"`` uses torch's packed CPU ops instead.
+    ``kernel`` picks the W4A16 and W8A8 implementation (``kernels.resolve_kernel``); on CPU,
+    ``"auto"`` uses torch's packed CPU ops instead (for W8A8, fbgemm where it applies).
     """
     params = next(model.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
     kernels.resolve_kernel(kernel, device)  # fail early on a bad setting
     layers = read_layers(model, tensors, metadata)
+    w8a8 = _read_layout(metadata).w8a8
     _load_rest(copy.deepcopy(model), tensors, list(layers))  # validate everything before touching the model
     _load_rest(model, tensors, list(layers))
     for name, layer in layers.items():
         module = model.get_submodule(name)
-        packed = _execution_module(layer, module.bias, device, kernel) if type(module) is nn.Linear else None
+        packed = (_execution_module(layer, module.bias, device, kernel, w8a8.get(name))
+                  if type(module) is nn.Linear else None)
         if packed is None:
             with torch.no_grad():
                 module.weight.copy_(layer.effective_weight().reshape(module.weight.shape))

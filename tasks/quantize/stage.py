@@ -4,6 +4,8 @@ Per variant the metrics hold the method, the packed size, and how close the load
 by the real low-bit kernels) stays to the float model on the calibration set: top-1
 agreement, mean KL of the output distributions, and the mean relative layer-output error
 ‖Y_l − Ŷ_l‖_F / ‖Y_l‖_F over the quantized layers (each seeing its own model's earlier layers).
+A method registered with ``data="train"`` (QAT) gets the labelled train split (x, y) instead of
+the calibration inputs, and its per-epoch training figures join its metrics.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch.nn.functional as F
 from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta, write_meta
 from slimforge.checkpoint import build_from_spec, load_model
 from slimforge.data import load_dataset
+from tasks.quantize import get_method
 from tasks.quantize.layerwise import layer_output_errors
-from tasks.quantize.packed import load_packed_artifact, quantize_model, save_packed
+from tasks.quantize.packed import load_packed_artifact, pack_layers, save_packed
 from tasks.select.output import named_set
 
 
@@ -30,23 +33,35 @@ def calibration_fidelity(base: torch.nn.Module, quantized: torch.nn.Module, x: t
             "calibration_kl": round(float(kl), 8)}
 
 
+def training_metrics(layers: dict) -> dict:
+    """A training method's per-epoch figures (QAT's ``QatLayers.report``), and its last epoch's
+    oscillating share; nothing for PTQ methods."""
+    report = getattr(layers, "report", None)
+    if not report:
+        return {}
+    return {"oscillating_share": report[-1]["oscillating_share"], "training": report}
+
+
 def run(params, ws, fanout=None) -> dict:
     cfg = params.quantize
     base_dir = ws.artifact("train")
     spec = read_meta(base_dir)["model"]
     base = load_model(base_dir)
-    calib_x, _ = named_set(cfg.calibration, ws.artifact("select"), load_dataset(ws.artifact("ingest")),
-                           torch.Generator().manual_seed(cfg.seed))
+    dataset = load_dataset(ws.artifact("ingest"))
+    calib_x, _ = named_set(cfg.calibration, ws.artifact("select"), dataset, torch.Generator().manual_seed(cfg.seed))
     parents = {"base": base_dir, "calibration": ws.artifact("select" if cfg.calibration.source == "selection" else "ingest")}
     out = {}
     with atomic_dir(ws.artifact("quantize")) as d:
         for variant in cfg.variants:
             target = d / variant.name
             target.mkdir()
-            tensors = quantize_model(base, variant, calib_x)
+            method = get_method(variant.method)
+            layers = method.quantize(base, dataset.part("train") if method.data == "train" else calib_x, variant)
+            tensors = pack_layers(base, layers)
             save_packed(target / WEIGHTS, tensors, variant)
             write_meta(target, root=ws.root, stage="quantize", method=variant.method,
-                       config=variant.model_dump(mode="json"), seed=cfg.seed, parents=parents,
+                       config=variant.model_dump(mode="json"), seed=cfg.seed,
+                       parents={**parents, "training": ws.artifact("ingest")} if method.data == "train" else parents,
                        extra={"model": spec, "format": "packed", "kernel": cfg.kernel})
             quantized = load_packed_artifact(target, build_from_spec(spec), cfg.kernel)  # fail here, not downstream
             packed = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
@@ -54,5 +69,6 @@ def run(params, ws, fanout=None) -> dict:
             out[variant.name] = {"method": variant.method, "bits": variant.bits, "granularity": variant.granularity,
                                  "packed_layers": len(packed), "size_bytes": (target / WEIGHTS).stat().st_size,
                                  "calibration_examples": len(calib_x), **calibration_fidelity(base, quantized, calib_x),
-                                 "calibration_layer_error": round(sum(errors.values()) / max(len(errors), 1), 6)}
+                                 "calibration_layer_error": round(sum(errors.values()) / max(len(errors), 1), 6),
+                                 **training_metrics(layers)}
     return out

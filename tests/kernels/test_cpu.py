@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from kernels.cpu import int4_weight_matmul, int8_weight_matmul, prepare_int4_cpu, supports_int4_cpu
+from kernels.cpu import (
+    int4_weight_matmul,
+    int8_dynamic_available,
+    int8_dynamic_matmul,
+    int8_weight_matmul,
+    prepare_int4_cpu,
+    prepare_int8_dynamic,
+    supports_int4_cpu,
+)
 from kernels.int4 import pack_int4, torch_w4a16_matmul
+from kernels.w8a8 import quantize_activations, torch_w8a8_matmul
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -75,3 +84,23 @@ def test_int4_recentres_low_bit_codes():
     ref = torch_w4a16_matmul(x, pack_int4(q), s, z, g)
     packed, scales_and_zeros = prepare_int4_cpu(q, s, z, g)
     assert_sqnr(ref, int4_weight_matmul(x, packed, scales_and_zeros, g), floor=45.0)
+
+
+@pytest.mark.skipif(not int8_dynamic_available(), reason="torch built without a quantized CPU engine")
+@pytest.mark.parametrize("per_token", [False, True])
+def test_int8_dynamic_matches_w8a8_reference(per_token):
+    """fbgemm's dynamic int8 Linear vs kernels.w8a8 on the same codes: a 7-bit activation grid, so an SQNR floor;
+    per token it keeps a small-magnitude token that a per-tensor grid flattens."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randint(-127, 128, (40, 96), generator=gen, dtype=torch.int8)
+    s = torch.rand(40, generator=gen) * 0.01 + 1e-3
+    x = torch.randn(6, 96, generator=gen)
+    x[0] *= 1e-3  # a quiet token
+    gran = "per_token" if per_token else "per_tensor"
+    ref = torch_w8a8_matmul(*quantize_activations(x, gran), w, s)
+    out = int8_dynamic_matmul(x, prepare_int8_dynamic(w, s), per_token=per_token)
+    assert out.shape == (6, 40) and out.dtype == torch.float32
+    assert_sqnr(ref, out, floor=30.0)
+    quiet = x[:1] @ (w.float() * s[:, None]).t()
+    quiet_db = sqnr_db(quiet, out[:1])
+    assert (quiet_db >= 30) == per_token, f"quiet token SQNR {quiet_db:.1f} dB"

@@ -1,5 +1,5 @@
 """Packed storage and low-bit execution (tasks/quantize/packed.py): round trips through a file, for
-every method (RTN, GPTQ, AWQ with its input scales)."""
+every method (RTN, GPTQ, AWQ with its input scales, SmoothQuant's W8A8)."""
 
 import copy
 import json
@@ -11,6 +11,7 @@ from safetensors import safe_open
 from sklearn.datasets import load_digits
 from torch import nn
 
+from kernels.cpu import int8_dynamic_available
 from slimforge.artifacts import ArtifactError, load_tensors, save_tensors
 from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model
 from tasks.quantize import AwqConfig, GptqConfig, get_method
@@ -20,6 +21,7 @@ from tasks.quantize.packed import (
     Int8Linear,
     PackedLinear,
     W4A16Linear,
+    W8A8Linear,
     load_quantized,
     pack_layers,
     packed_layout,
@@ -28,6 +30,7 @@ from tasks.quantize.packed import (
     save_packed,
 )
 from tasks.quantize.rtn import RtnConfig, fake_quantize
+from tasks.quantize.smoothquant import SmoothQuantConfig, w8a8_output
 
 
 def seeded(model: nn.Module, seed: int) -> nn.Module:
@@ -261,3 +264,95 @@ def test_bad_input_scales_raise_artifact_errors(tmp_path):
         load_quantized(copy.deepcopy(model), short, metadata)
     with pytest.raises(ArtifactError, match="input_scales names layers that are not packed"):
         load_quantized(copy.deepcopy(model), state, {**metadata, "input_scales": '["nope"]'})
+
+
+SMOOTH = [SmoothQuantConfig(name="sq", method="smoothquant"),
+          SmoothQuantConfig(name="sqt", method="smoothquant", granularity="tensor", activations="per_tensor", alpha=0.8)]
+
+
+def _w8a8_reference(model: nn.Module, layers: dict, x: torch.Tensor, activations: str) -> torch.Tensor:
+    """The MLP run layer by layer through smoothquant.w8a8_output (the kernels.w8a8 reference)."""
+    h = x
+    for name in ("backbone.1", "backbone.3", "head"):
+        h = w8a8_output(layers[name], h, activations) + model.get_submodule(name).bias
+        h = torch.relu(h) if name != "head" else h
+    return h
+
+
+@pytest.mark.parametrize("cfg", SMOOTH, ids=[c.name for c in SMOOTH])
+def test_smoothquant_round_trips_as_w8a8(cfg, tmp_path):
+    model, layers, back, metadata, loaded = _calibrated_round_trip(cfg, tmp_path, "torch")
+    assert json.loads(metadata["w8a8"]) == {name: cfg.activations for name in layers}
+    assert json.loads(metadata["input_scales"]) == sorted(layers)
+    for name, layer in layers.items():
+        assert torch.equal(back[name].weight.codes, layer.weight.codes)
+        assert torch.equal(back[name].input_scale, layer.input_scale)
+        module = loaded.get_submodule(name)
+        assert type(module) is W8A8Linear and module.activations == cfg.activations and module.engine == "torch"
+        assert module.weight_int8.dtype == torch.int8 and not list(module.parameters())
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = _w8a8_reference(model, back, x, cfg.activations), loaded(x)
+    # the loaded modules compute exactly the reference (codes exact, scales through float16 storage)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_w8a8_cpu_auto_engines(tmp_path):
+    """CPU ``auto``: both granularities run fbgemm's dynamic int8 Linear, close to the reference."""
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6))
+    for cfg in SMOOTH:
+        model, _, back, _, loaded = _calibrated_round_trip(cfg, tmp_path, "auto")
+        engine = loaded.backbone[1].engine
+        with torch.no_grad():
+            want, got = _w8a8_reference(model, back, x, cfg.activations), loaded(x)
+            fp32 = model(x)
+        assert engine == ("fbgemm" if int8_dynamic_available() else "torch")
+        assert sqnr_db(want, got) >= 30, f"{cfg.name}: max |diff| {(want - got).abs().max().item():.3e}"
+        assert sqnr_db(fp32, got) >= 25, f"{cfg.name}: W8A8 vs fp32 max |diff| {(fp32 - got).abs().max().item():.3e}"
+
+
+def test_files_without_w8a8_metadata_load_weight_only(tmp_path):
+    cfg = CALIBRATED[4]  # awq8a: 8-bit with input scales, written before W8A8 existed
+    model, _, _, metadata, _ = _calibrated_round_trip(cfg, tmp_path, "auto")
+    state = load_tensors(tmp_path / f"{cfg.name}.safetensors")
+    old = {k: v for k, v in metadata.items() if k != "w8a8"}
+    loaded = load_quantized(copy.deepcopy(model), state, old)
+    assert type(loaded.backbone[1]) is Int8Linear
+
+
+def test_bad_w8a8_metadata_raises_artifact_errors(tmp_path):
+    model, layers, _, metadata, _ = _calibrated_round_trip(SMOOTH[0], tmp_path, "auto")
+    state = pack_layers(model, layers)
+    for bad, match in (('{"nope": "per_token"}', "w8a8 names layers that are not packed"),
+                       ('{"head": "per_channel"}', "'per_channel' is not one of per_token, per_tensor"),
+                       ('["head"]', "w8a8 must map layer names")):
+        with pytest.raises(ArtifactError, match=match):
+            load_quantized(copy.deepcopy(model), state, {**metadata, "w8a8": bad})
+    w4 = RtnConfig(name="w4", bits=4, granularity="group", group_size=32)
+    w4_state = quantize_model(model, w4)
+    with pytest.raises(ArtifactError, match="w8a8 layers need 8-bit symmetric"):
+        load_quantized(copy.deepcopy(model), w4_state, {**packed_layout(w4, w4_state), "w8a8": '{"head": "per_token"}'})
+
+
+def test_stage_artifact_executes_w8a8_modules(tmp_path):
+    """A smoothquant variant written by the quantize stage loads back onto W8A8Linear modules."""
+    from slimforge.checkpoint import load_any
+    from slimforge.config import validate_params
+    from slimforge.workspace import Workspace
+    from tasks.ingest.stage import run as run_ingest
+    from tasks.quantize.stage import run as run_quantize
+    from tasks.select.stage import run as run_select
+    from tasks.train.stage import run as run_train
+
+    params = validate_params({
+        "ingest": {"dataset": "digits", "max_examples": 400},
+        "train": {"model": {"arch": "mlp", "hidden": [64, 32]}, "epochs": 3, "batch_size": 32, "lr": 0.005},
+        "quantize": {"variants": [{"name": "sq", "method": "smoothquant"}], "calibration": {"size": 64}}}, "test")
+    ws = Workspace(tmp_path)
+    for run in (run_ingest, run_select, run_train, run_quantize):
+        metrics = run(params, ws)
+    assert metrics["sq"]["method"] == "smoothquant" and 0 < metrics["sq"]["calibration_layer_error"] < 0.2
+    model = load_any(ws.artifact("quantize") / "sq")
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    assert linears and all(type(m) is W8A8Linear for m in linears)
+    assert metrics["sq"]["calibration_agreement"] >= 0.9
