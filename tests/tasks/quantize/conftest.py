@@ -1,30 +1,16 @@
-"""Fixtures shared by the quantize tests: models trained briefly on sklearn digits."""
+"""Fixtures shared by the quantize tests: models trained briefly on sklearn digits
+(digits_split lives in tests/tasks/conftest.py)."""
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from slimforge.models import CNNConfig, MLPConfig, build_model
 from slimforge.training import FitConfig, fit
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster on one intra-op thread on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def digits_split():
-    """sklearn digits as (x_train, y_train, x_test, y_test): 1,200 / 597, pixels in [0, 1]."""
-    d = load_digits()
-    x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)  # (1797, 64), (1797,)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1200], y[:1200], x[1200:], y[1200:]
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread."""
 
 
 def _trained(arch, digits_split, seed: int) -> torch.nn.Module:
