@@ -6,7 +6,12 @@ even) is quantized by the variant's method and replaced in the safetensors state
 
 - ``<name>.qweight``: 8-bit: the codes, int8 if symmetric, uint8 if asymmetric.
   4-bit: unsigned codes packed two per byte along K by ``kernels.int4.pack_int4``
-  (uint8 (N, K/2)). 2/3-bit: one unsigned code per uint8 byte (N, K) for now.
+  (uint8 (N, K/2)). 2/3-bit: unsigned codes bit-packed along K by ``kernels.bitpack.pack_bits``,
+  each row a little-endian bit stream zero-padded to whole bytes: 2-bit four codes per byte
+  (lowest in-feature in the low bits), uint8 (N, ceil(K/4)); 3-bit eight codes in three
+  bytes, uint8 (N, 3·ceil(K/8)). K is the model's (the loader reads it from the weight shape).
+  Files written before bit packing hold one 2/3-bit code per uint8 byte (N, K); their
+  metadata ``code_storage`` reads ``"one unsigned code per uint8 byte"`` and they still load.
   Below 8 bits, symmetric codes q ∈ [−2^(b−1), 2^(b−1)−1] are stored as q + 2^(b−1).
 - ``<name>.scales``: float16 (N, K/g); per-channel and per-tensor use g = K.
 - ``<name>.zeros``: uint8 (N, K/g) integer zero-points, only when asymmetric.
@@ -62,6 +67,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 import kernels
+from kernels.bitpack import pack_bits, packed_width, unpack_bits
 from kernels.cpu import (
     int4_weight_matmul,
     int8_dynamic_available,
@@ -79,13 +85,20 @@ from tasks.quantize.rtn import GridConfig, QuantizedWeight
 FORMAT = "slimforge.packed/1"
 _SUFFIXES = ("qweight", "scales", "zeros", "input_scale")
 ACTIVATIONS = ("per_token", "per_tensor")
+BYTE_STORAGE = "one unsigned code per uint8 byte"  # 2/3-bit code_storage of files from before bit packing
+CODE_STORAGE = {8: "int8 if symmetric else uint8, one code per byte",
+                4: "uint4 nibbles, low nibble = even in-feature (kernels.int4.pack_int4)",
+                3: "uint3 little-endian bit stream along K, eight codes in three bytes, "
+                   "rows zero-padded to a multiple of 8 codes (kernels.bitpack.pack_bits)",
+                2: "uint2, four codes per byte along K, low bits = lowest in-feature, "
+                   "rows zero-padded to a multiple of 4 codes (kernels.bitpack.pack_bits)"}
 
 
 def _store_codes(qw: QuantizedWeight) -> Tensor:
     if qw.bits == 8:
         return qw.codes  # int8 (symmetric) or uint8 (asymmetric), (N, K)
     unsigned = qw.codes if not qw.symmetric else (qw.codes.to(torch.int16) + 2 ** (qw.bits - 1)).to(torch.uint8)
-    return pack_int4(unsigned) if qw.bits == 4 else unsigned  # (N, K/2) or (N, K)
+    return pack_int4(unsigned) if qw.bits == 4 else pack_bits(unsigned, qw.bits)  # (N, K/2) or (N, packed_width(K, b))
 
 
 def pack_layers(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str, Tensor]:
@@ -115,8 +128,6 @@ def quantize_model(model: nn.Module, cfg: GridConfig, x: Tensor | None = None) -
 def packed_layout(cfg: GridConfig, tensors: dict[str, Tensor]) -> dict[str, str]:
     """safetensors metadata describing how ``tensors`` (from ``quantize_model``) are packed."""
     packed = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    storage = {8: "int8 if symmetric else uint8, one code per byte",
-               4: "uint4 nibbles, low nibble = even in-feature (kernels.int4.pack_int4)"}
     return {
         "format": FORMAT,
         "method": cfg.method,
@@ -124,7 +135,7 @@ def packed_layout(cfg: GridConfig, tensors: dict[str, Tensor]) -> dict[str, str]
         "granularity": cfg.granularity,
         "group_size": str(cfg.group_size),
         "symmetric": str(cfg.symmetric).lower(),
-        "code_storage": storage.get(cfg.bits, "one unsigned code per uint8 byte"),
+        "code_storage": CODE_STORAGE[cfg.bits],
         "code_offset": str(2 ** (cfg.bits - 1) if cfg.symmetric and cfg.bits < 8 else 0),
         "packed": json.dumps(packed),
         "input_scales": json.dumps(sorted(k[: -len(".input_scale")] for k in tensors if k.endswith(".input_scale"))),
@@ -141,6 +152,7 @@ class Layout(NamedTuple):
     names: list[str]
     scaled: set[str]  # layers with an input_scale
     w8a8: dict[str, str]  # layer -> activation granularity, for W8A8 layers
+    bitpacked: bool  # 2/3-bit codes bit-packed (False: one per byte, files from before bit packing)
 
 
 def _read_layout(metadata: dict[str, str] | None) -> Layout:
@@ -158,7 +170,7 @@ def _read_layout(metadata: dict[str, str] | None) -> Layout:
     if not scaled <= set(names):
         raise ArtifactError(f"quantized weights: input_scales names layers that are not packed: {sorted(scaled - set(names))}")
     _check_w8a8(w8a8, names, bits, symmetric, metadata.get("granularity"))
-    return Layout(bits, symmetric, names, scaled, w8a8)
+    return Layout(bits, symmetric, names, scaled, w8a8, metadata.get("code_storage") != BYTE_STORAGE)
 
 
 def _check_w8a8(w8a8, names: list[str], bits: int, symmetric: bool, granularity: str | None) -> None:
@@ -176,9 +188,21 @@ def _check_w8a8(w8a8, names: list[str], bits: int, symmetric: bool, granularity:
                             f"the file holds {bits}-bit {'symmetric' if symmetric else 'asymmetric'} {granularity}")
 
 
-def _read_quantized(tensors: dict[str, Tensor], name: str, bits: int, symmetric: bool,
-                    module: nn.Module, scaled: bool) -> QuantizedLayer:
+def _unpack_codes(stored: Tensor, name: str, bits: int, k: int, bitpacked: bool) -> Tensor:
+    """The stored codes of layer ``name`` as one code per byte (N, K), unsigned below 8 bits."""
+    if bits == 4:
+        return unpack_int4(stored)
+    if bits == 8 or not bitpacked:
+        return stored
+    if stored.dim() != 2 or stored.shape[1] != packed_width(k, bits):
+        raise ArtifactError(f"quantized weights: {name}.qweight has shape {tuple(stored.shape)}, expected "
+                            f"(N, {packed_width(k, bits)}): {bits}-bit codes bit-packed along K={k}")
+    return unpack_bits(stored, bits, k)
+
+
+def _read_quantized(tensors: dict[str, Tensor], name: str, layout: Layout, module: nn.Module) -> QuantizedLayer:
     """Rebuild the QuantizedLayer of layer ``name`` (weight (N, K)) from stored tensors."""
+    bits, symmetric, scaled = layout.bits, layout.symmetric, name in layout.scaled
     n, k = module.weight.shape[0], module.weight[0].numel()
     c_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
     try:
@@ -190,7 +214,7 @@ def _read_quantized(tensors: dict[str, Tensor], name: str, bits: int, symmetric:
     want = torch.int8 if bits == 8 and symmetric else torch.uint8
     if stored.dtype != want:
         raise ArtifactError(f"quantized weights: {name}.qweight is {stored.dtype}, expected {want}")
-    codes = unpack_int4(stored) if bits == 4 else stored  # (N, K)
+    codes = _unpack_codes(stored, name, bits, k, layout.bitpacked)  # (N, K)
     if tuple(codes.shape) != (n, k) or scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1]:
         raise ArtifactError(f"quantized weights: {name} holds codes {tuple(codes.shape)} / scales "
                             f"{tuple(scales.shape)}, which do not fit the model's weight ({n}, {k})")
@@ -356,12 +380,12 @@ def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -
 
 def read_layers(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, QuantizedLayer]:
     """The QuantizedLayer of every packed layer in ``tensors``, checked against ``model``'s shapes."""
-    bits, symmetric, names, scaled, _ = _read_layout(metadata)
+    layout = _read_layout(metadata)
     try:
-        modules = {name: model.get_submodule(name) for name in names}
+        modules = {name: model.get_submodule(name) for name in layout.names}
     except AttributeError as e:
         raise ArtifactError(f"quantized weights do not match the model: {e}") from None
-    return {name: _read_quantized(tensors, name, bits, symmetric, m, name in scaled) for name, m in modules.items()}
+    return {name: _read_quantized(tensors, name, layout, m) for name, m in modules.items()}
 
 
 def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None,

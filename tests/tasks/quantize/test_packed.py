@@ -356,3 +356,91 @@ def test_stage_artifact_executes_w8a8_modules(tmp_path):
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear))]
     assert linears and all(type(m) is W8A8Linear for m in linears)
     assert metrics["sq"]["calibration_agreement"] >= 0.9
+
+
+SUB4 = [RtnConfig(name="w2c", bits=2), RtnConfig(name="w2g32a", bits=2, granularity="group", group_size=32, symmetric=False),
+        RtnConfig(name="w3c", bits=3), RtnConfig(name="w3c_a", bits=3, symmetric=False)]
+
+
+def _sub4_layers(cfg: RtnConfig, in_features: int = 96) -> tuple[nn.Module, dict]:
+    model = seeded(build_model(MLPConfig(hidden=[64]), (in_features,), 10), seed=7).eval()
+    return model, get_method("rtn").quantize(model, None, cfg)
+
+
+def _dense_twin(model: nn.Module, layers: dict) -> nn.Module:
+    """The pre-save dequantized model: each layer's ŵ with its scales rounded as float16 storage rounds them."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            qw = layer.weight
+            scales = qw.scales.to(torch.float16).float().repeat_interleave(qw.group_size, dim=1)  # (N, K)
+            zeros = 0 if qw.zeros is None else qw.zeros.repeat_interleave(qw.group_size, dim=1)
+            ref.get_submodule(name).weight.copy_(scales * (qw.codes.float() - zeros))
+    return ref
+
+
+SUB4_SHAPES = [(c, k) for k in (96, 100) for c in SUB4 if c.granularity != "group" or k % c.group_size == 0]
+
+
+@pytest.mark.parametrize("cfg,in_features", SUB4_SHAPES, ids=[f"{c.name}-K{k}" for c, k in SUB4_SHAPES])
+def test_bitpacked_2_3_bit_artifact_forward_equals_the_pre_save_dequantized_model(cfg, in_features, tmp_path):
+    """K = 100 is not a multiple of 8: rows end in zero padding."""
+    model, layers = _sub4_layers(cfg, in_features)
+    state = pack_layers(model, layers)
+    path = tmp_path / f"{cfg.name}.safetensors"
+    save_packed(path, state, cfg)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["code_storage"] == packed_mod.CODE_STORAGE[cfg.bits] != packed_mod.BYTE_STORAGE
+    tensors = load_tensors(path)
+    per_row = -(-in_features // 4) if cfg.bits == 2 else 3 * -(-in_features // 8)
+    assert tuple(tensors["backbone.1.qweight"].shape) == (64, per_row)
+    back = read_layers(model, tensors, metadata)
+    assert all(torch.equal(back[n].weight.codes, layer.weight.codes) for n, layer in layers.items())
+    x = torch.randn(9, in_features, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = _dense_twin(model, layers)(x)
+        got = load_quantized(copy.deepcopy(model), tensors, metadata, kernel="torch")(x)
+        cpu = load_quantized(copy.deepcopy(model), tensors, metadata, kernel="auto")(x)
+    assert (want - got).abs().max().item() <= 1e-4, f"max |diff| {(want - got).abs().max().item():.3e}"
+    assert sqnr_db(want, cpu) >= 35, f"max |diff| {(want - cpu).abs().max().item():.3e}"
+
+
+def test_2_and_3_bit_weights_take_a_quarter_and_three_eighths_of_int8_bytes(tmp_path):
+    sizes, files = {}, {}
+    for bits in (8, 3, 2):
+        cfg = RtnConfig(name=f"w{bits}", bits=bits)
+        model, layers = _sub4_layers(cfg)
+        state = pack_layers(model, layers)
+        save_packed(tmp_path / f"{bits}.safetensors", state, cfg)
+        sizes[bits] = {n: state[f"{n}.qweight"].numel() * state[f"{n}.qweight"].element_size() for n in layers}
+        files[bits] = os.path.getsize(tmp_path / f"{bits}.safetensors")
+    assert sizes[8] == {"backbone.1": 64 * 96, "head": 10 * 64}  # one byte per weight
+    assert sizes[2] == {"backbone.1": 64 * 96 // 4, "head": 10 * 64 // 4}  # 1536, 160: a quarter
+    assert sizes[3] == {"backbone.1": 64 * 96 * 3 // 8, "head": 10 * 64 * 3 // 8}  # 2304, 240: three eighths
+    assert files[8] > files[3] > files[2]
+
+
+def test_files_with_one_code_per_byte_still_load(tmp_path):
+    """2/3-bit files written before bit packing (code_storage "one unsigned code per uint8 byte")."""
+    for cfg in SUB4:
+        model, layers = _sub4_layers(cfg)
+        new = pack_layers(model, layers)
+        old = dict(new)
+        for name, layer in layers.items():  # the old storage: the unsigned codes, one per byte (N, K)
+            offset = 2 ** (cfg.bits - 1) if cfg.symmetric else 0
+            old[f"{name}.qweight"] = (layer.weight.codes.to(torch.int16) + offset).to(torch.uint8)
+        meta = {**packed_layout(cfg, new), "code_storage": "one unsigned code per uint8 byte"}
+        save_tensors(tmp_path / "old.safetensors", old, metadata=meta)
+        tensors = load_tensors(tmp_path / "old.safetensors")
+        with safe_open(str(tmp_path / "old.safetensors"), framework="pt") as f:
+            metadata = f.metadata()
+        back = read_layers(model, tensors, metadata)
+        assert all(torch.equal(back[n].weight.codes, layer.weight.codes) for n, layer in layers.items()), cfg.name
+        x = torch.randn(5, 96, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            got = load_quantized(copy.deepcopy(model), tensors, metadata, kernel="torch")(x)
+            want = load_quantized(copy.deepcopy(model), new, packed_layout(cfg, new), kernel="torch")(x)
+        assert torch.equal(got, want), cfg.name
+        with pytest.raises(ArtifactError, match=r"backbone.1.qweight has shape \(64, 96\), expected \(N, "):
+            load_quantized(copy.deepcopy(model), old, packed_layout(cfg, new))  # per-byte codes, bit-packed label
