@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 on CPU: fp32 vs RTN int8 / int4 and SmoothQuant W8A8 on the packed low-bit kernels.
+"""all-MiniLM-L6-v2 on CPU: fp32 vs RTN / GPTQ / AWQ int8 / int4 and SmoothQuant W8A8 on the packed low-bit kernels.
 
 Quantizes every Linear of the real pretrained encoder (``slimforge.text.load_minilm``) with
 the quantize stage (``quantize_model`` + ``load_quantized``): RTN int8 per-channel on
@@ -6,14 +6,18 @@ the quantize stage (``quantize_model`` + ``load_quantized``): RTN int8 per-chann
 bf16 activations around the ops), and SmoothQuant W8A8 (α = 0.5, int8 per-channel weights,
 activations quantized per tensor or per token, both on fbgemm's dynamic int8 Linear through
 ``W8A8Linear``), calibrated on ``--calibration`` sentences each cut to its first 16 tokens so
-the calibration batch needs no padding. It reports, per variant, ms to encode one batch of
+the calibration batch needs no padding; and GPTQ and AWQ int4 (groups of 128 and 32, symmetric,
+on the same int4 kernel as RTN's), calibrated on up to ``--gptq-calibration`` whole sentences,
+padded, with their ``attention_mask`` so only real tokens enter each layer's X
+(``layerwise.layer_inputs``). Every calibration sentence is disjoint from the evaluation ones
+(400 of the reference manual's ~405 sentences: 300 for evaluation leave 100). It reports, per variant, ms to encode one batch of
 real English sentences (tokenize, encoder, mean pooling, normalise; median of repeats after a
 warm-up, as the evaluate harness's ``latency_ms``) at each thread count, plus the agreement
 of its sentence embeddings with fp32 on ``--sentences`` sentences
 (``slimforge.text.embedding_agreement``).
 
-    python -m benchmarks.minilm_latency [--threads 1 2] [--batch 64] [--repeats 10] [--sentences 400]
-        [--calibration 64]
+    python -m benchmarks.minilm_latency [--threads 1 2] [--batch 64] [--repeats 10] [--sentences 300]
+        [--calibration 64] [--gptq-calibration 128]
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import torch
 from torch import nn
 
 from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
+from tasks.quantize.awq import AwqConfig
+from tasks.quantize.gptq import GptqConfig
+from tasks.quantize.layerwise import Calibration
 from tasks.quantize.packed import load_quantized, packed_layout, quantize_model
 from tasks.quantize.rtn import GridConfig, RtnConfig
 from tasks.quantize.smoothquant import SmoothQuantConfig
@@ -35,10 +42,18 @@ from tasks.quantize.smoothquant import SmoothQuantConfig
 VARIANTS = {
     "int8 per-channel": RtnConfig(name="int8", bits=8, granularity="channel"),
     "int4 group-32": RtnConfig(name="int4", bits=4, granularity="group", group_size=32),
+    "int4 group-128": RtnConfig(name="int4g128", bits=4, granularity="group", group_size=128),
     "W8A8 smoothquant per-tensor": SmoothQuantConfig(name="sq-t", method="smoothquant", activations="per_tensor"),
     "W8A8 smoothquant per-token": SmoothQuantConfig(name="sq", method="smoothquant"),
 }
+# calibrated on whole, masked sentences (``calibration_batch``)
+MASKED_VARIANTS = {
+    f"{label} int4 group-{g}": cfg_class(name=f"{method}-w4g{g}", method=method, bits=4, granularity="group",
+                                         group_size=g)
+    for g in (128, 32) for label, method, cfg_class in (("GPTQ", "gptq", GptqConfig), ("AWQ", "awq", AwqConfig))
+}
 CALIBRATION_TOKENS = 16
+SENTENCE_POOL = 400  # of the ~405 sentences english_sentences has
 
 
 def calibration_ids(tokenizer, sentences: list[str]) -> torch.Tensor:
@@ -47,8 +62,19 @@ def calibration_ids(tokenizer, sentences: list[str]) -> torch.Tensor:
     return torch.tensor([i[:CALIBRATION_TOKENS] for i in ids if len(i) >= CALIBRATION_TOKENS])
 
 
-def quantize_minilm(model: nn.Module, cfg: GridConfig, calib: torch.Tensor | None = None) -> nn.Module:
-    """A copy of ``model`` whose Linear layers run packed weights (calibrated on input_ids ``calib``)."""
+def calibration_batch(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
+    """The tokenizer's padded batch (input_ids, token_type_ids, attention_mask), each (B, T)."""
+    return dict(tokenizer(sentences, padding=True, truncation=True, return_tensors="pt"))
+
+
+def held_out(sentences: list[str], n: int) -> list[str]:
+    """Up to ``n`` of the first ``SENTENCE_POOL`` reference-manual sentences not in ``sentences``, spread evenly."""
+    rest = [s for s in english_sentences(SENTENCE_POOL) if s not in set(sentences)]
+    return [rest[i * len(rest) // n] for i in range(n)] if n < len(rest) else rest
+
+
+def quantize_minilm(model: nn.Module, cfg: GridConfig, calib: Calibration | None = None) -> nn.Module:
+    """A copy of ``model`` whose Linear layers run packed weights (calibrated on ``calib``)."""
     state = quantize_model(model, cfg, calib)
     return load_quantized(copy.deepcopy(model), state, packed_layout(cfg, state)).eval()
 
@@ -70,14 +96,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts")
     ap.add_argument("--batch", type=int, default=64, help="sentences per timed batch")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--sentences", type=int, default=400, help="sentences for the agreement with fp32")
+    ap.add_argument("--sentences", type=int, default=300, help="sentences for the agreement with fp32")
     ap.add_argument("--calibration", type=int, default=64, help="sentences SmoothQuant calibrates on")
+    ap.add_argument("--gptq-calibration", type=int, default=128,
+                    help="most sentences GPTQ and AWQ calibrate on, none of them evaluation sentences")
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = ap.parse_args()
     fp32, tokenizer = load_minilm()
-    calib = calibration_ids(tokenizer, english_sentences(args.calibration))
-    models = {"fp32": fp32} | {name: quantize_minilm(fp32, cfg, calib) for name, cfg in VARIANTS.items()}
     sentences = english_sentences(args.sentences)
+    calib = calibration_ids(tokenizer, held_out(sentences, args.calibration))
+    masked = calibration_batch(tokenizer, held_out(sentences, args.gptq_calibration))
+    models = ({"fp32": fp32} | {name: quantize_minilm(fp32, cfg, calib) for name, cfg in VARIANTS.items()}
+              | {name: quantize_minilm(fp32, cfg, masked) for name, cfg in MASKED_VARIANTS.items()})
     batch = english_sentences(args.batch)
     reference = encode(fp32, tokenizer, sentences)
     rows = []
@@ -94,7 +124,9 @@ def main() -> None:
         df[f"speedup {threads} thr"] = (ms["fp32"] / ms).round(2)
     if args.csv:
         df.to_csv(args.csv)
-    print(f"all-MiniLM-L6-v2, batch of {args.batch} sentences, {args.sentences} sentences for agreement")
+    print(f"all-MiniLM-L6-v2, batch of {args.batch} sentences, {args.sentences} sentences for agreement, "
+          f"GPTQ/AWQ calibrated on {len(masked['input_ids'])} other sentences "
+          f"({int(masked['attention_mask'].sum())} tokens)")
     print(df.to_string())
 
 

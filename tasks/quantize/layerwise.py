@@ -16,6 +16,13 @@ quantized block's outputs; here the unit is one Linear/Conv2d):
 4. the method quantizes the weight from (W, X); the layer's effective weight replaces W in
    the working copy before the next layer is calibrated.
 
+The calibration inputs (``Calibration``) are one tensor, run as ``model(x)``, or a mapping of
+keyword tensors, run as ``model(**x)`` (a tokenizer's ``input_ids`` + ``attention_mask`` for a
+Hugging Face encoder). A mapping's ``attention_mask`` (B, T) marks the real tokens: a Linear's
+input (B, T, K) contributes only those rows to X, so padding never enters GPTQ's H or AWQ's and
+SmoothQuant's channel statistics, and sentences of any length calibrate together as they are
+encoded (cutting them to one length instead would drop each sentence's tail and [SEP]).
+
 A layer the calibration forward never calls as a module (nn.MultiheadAttention's out_proj,
 which the fused attention reads by ``.weight``) or whose input patches unfold cannot
 reproduce (grouped or non-zero-padded convs) gets no X and is quantized by RTN.
@@ -25,7 +32,7 @@ RTN itself (``quantize_rtn``) needs no calibration.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +60,19 @@ class QuantizedLayer:
         if self.input_scale is None:
             return w
         return w * self.input_scale.repeat_interleave(w.shape[1] // len(self.input_scale))[None, :]
+
+
+Calibration = Tensor | Mapping[str, Tensor]  # model(x), or model(**x); every tensor batch-first
+
+
+def run_model(model: nn.Module, x: Calibration):
+    """``model(**x)`` for a mapping of keyword tensors, else ``model(x)``."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def first_example(x: Calibration) -> Calibration:
+    """The first example (batch of one) of the calibration inputs."""
+    return {k: v[:1] for k, v in x.items()} if isinstance(x, Mapping) else x[:1]
 
 
 LayerMethod = Callable[[Tensor, Tensor, int, GridConfig], QuantizedLayer]  # (W (N, K), X (M, K), taps, cfg)
@@ -90,14 +110,14 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def forward_order(model: nn.Module, x: Tensor, layers: dict[str, nn.Module]) -> list[str]:
+def forward_order(model: nn.Module, x: Calibration, layers: dict[str, nn.Module]) -> list[str]:
     """Names of ``layers`` in the order a forward of ``x`` first calls them; layers it never
     calls follow in module order."""
     seen: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
              for name, m in layers.items()]
     try:
-        model(x)
+        run_model(model, x)
     finally:
         for h in hooks:
             h.remove()
@@ -121,8 +141,11 @@ def _unfoldable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Tensor) -> Tensor | None:
-    """X (M, K) of ``module`` when ``model`` runs ``x``, or None if it is never called as a module."""
+def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Calibration) -> Tensor | None:
+    """X (M, K) of ``module`` when ``model`` runs ``x``, or None if it is never called as a module.
+
+    With an ``attention_mask`` (B, T) in ``x``, a Linear input (B, T, K) keeps only the rows of
+    real tokens (mask != 0)."""
     if not _unfoldable(module):
         return None
     seen: list[Tensor] = []
@@ -133,7 +156,7 @@ def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Tensor) -> 
 
     hook = module.register_forward_pre_hook(capture)
     try:
-        model(x)
+        run_model(model, x)
     except _Stop:
         pass
     finally:
@@ -141,10 +164,15 @@ def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Tensor) -> 
     if not seen:
         return None
     inp = seen[0]
-    return _conv_columns(module, inp) if isinstance(module, nn.Conv2d) else inp.reshape(-1, inp.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        return _conv_columns(module, inp)
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    if mask is not None and inp.shape[:-1] == mask.shape:
+        return inp[mask != 0]  # (real tokens, K)
+    return inp.reshape(-1, inp.shape[-1])
 
 
-def quantize_in_order(model: nn.Module, x: Tensor | None, cfg: GridConfig,
+def quantize_in_order(model: nn.Module, x: Calibration | None, cfg: GridConfig,
                       method: LayerMethod) -> dict[str, QuantizedLayer]:
     """Run a calibrated per-layer ``method`` over ``model``'s quantizable layers in forward order,
     each on inputs from the already quantized layers before it. ``model`` is not modified."""
@@ -153,7 +181,7 @@ def quantize_in_order(model: nn.Module, x: Tensor | None, cfg: GridConfig,
     work = copy.deepcopy(model).eval()
     layers = quantizable(work, cfg)
     out: dict[str, QuantizedLayer] = {}
-    for name in forward_order(work, x[:1], layers):
+    for name in forward_order(work, first_example(x), layers):
         module = layers[name]
         w, cols = _matrix(module), layer_inputs(work, module, x)
         out[name] = QuantizedLayer(quantize_weight(w, cfg)) if cols is None else method(w, cols, taps(module), cfg)
@@ -163,20 +191,20 @@ def quantize_in_order(model: nn.Module, x: Tensor | None, cfg: GridConfig,
 
 
 @torch.no_grad()
-def layer_outputs(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, Tensor]:
+def layer_outputs(model: nn.Module, x: Calibration, names: list[str]) -> dict[str, Tensor]:
     """The output of each named layer when ``model`` runs ``x``; layers not called as modules are left out."""
     outputs: dict[str, Tensor] = {}
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda _m, _a, y, n=name: outputs.setdefault(n, y.detach().float())) for name in names]
     try:
-        model.eval()(x)
+        run_model(model.eval(), x)
     finally:
         for h in hooks:
             h.remove()
     return outputs
 
 
-def layer_output_errors(reference: nn.Module, model: nn.Module, x: Tensor, names: list[str]) -> dict[str, float]:
+def layer_output_errors(reference: nn.Module, model: nn.Module, x: Calibration, names: list[str]) -> dict[str, float]:
     """‖Y_l − Ŷ_l‖_F / ‖Y_l‖_F of each named layer's output, ``model`` vs ``reference`` on the same
     inputs ``x`` (each layer sees its own model's earlier layers)."""
     ref, got = layer_outputs(reference, x, names), layer_outputs(model, x, names)
