@@ -31,6 +31,7 @@ RTN itself (``quantize_rtn``) needs no calibration.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -155,12 +156,11 @@ def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Calibration
         raise _Stop
 
     hook = module.register_forward_pre_hook(capture)
-    try:
-        run_model(model, x)
-    except _Stop:
-        pass
-    finally:
-        hook.remove()
+    with contextlib.suppress(_Stop):
+        try:
+            run_model(model, x)
+        finally:
+            hook.remove()
     if not seen:
         return None
     inp = seen[0]

