@@ -4,8 +4,10 @@
 The registry below is the one place a ``quantize.variants[*].method`` name is resolved. Each
 entry is (config class, function(model, calibration inputs x, cfg) -> {layer name:
 QuantizedLayer}); a method registered with ``data="train"`` (QAT) gets the labelled train split
-(x, y) in place of x. ``packed.py`` stores any method's result in one packed format and runs it
-with the real low-bit kernels. A variant that names no method is an RTN one.
+(x, y) in place of x. Two grid options apply on top of a method: ``lorc_rank`` (``lorc.py``, after
+any PTQ method) and ``group_axis`` (``adadim.py``). ``packed.py`` stores any method's result in
+one packed format and loads it; ``execution.py`` holds the modules that run it with the real
+low-bit kernels. A variant that names no method is an RTN one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Annotated, Literal, NamedTuple, Union
 
 from pydantic import BaseModel, Discriminator, Tag
 
+from tasks.quantize.adadim import AdadimConfig, quantize_adadim
 from tasks.quantize.awq import AwqConfig, quantize_awq
+from tasks.quantize.flexround import FlexRoundConfig, quantize_flexround
 from tasks.quantize.gptq import GptqConfig, quantize_gptq
 from tasks.quantize.layerwise import QuantizedLayer, quantize_rtn
 from tasks.quantize.packed import load_packed_artifact, quantize_model, save_packed
@@ -39,6 +43,8 @@ METHODS: dict[str, Method] = {
     "gptq": Method(GptqConfig, quantize_gptq),
     "awq": Method(AwqConfig, quantize_awq),
     "smoothquant": Method(SmoothQuantConfig, quantize_smoothquant),
+    "flexround": Method(FlexRoundConfig, quantize_flexround),
+    "adadim": Method(AdadimConfig, quantize_adadim),
     "qat": Method(QatConfig, quantize_qat, data="train"),
 }
 

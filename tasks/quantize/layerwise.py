@@ -35,6 +35,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,23 +45,64 @@ from tasks.quantize.rtn import GridConfig, QuantizedWeight, dequantize, quantize
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """LoRC's rank-r correction ÛV̂ of a layer's quantization error (``lorc.py``).
+
+    u: (N, r) float32, v: (r, K) float32, the values the layer uses: already rounded to their
+        storage (float16 values, or int8 codes times the row scales), so a stored and reloaded
+        layer computes exactly this.
+    u_scales (N,), v_scales (r,): float32 per-row scales when the factors are stored as int8
+        (u = codes · u_scales row-wise); None for float16 storage.
+    """
+
+    u: Tensor
+    v: Tensor
+    u_scales: Tensor | None = None
+    v_scales: Tensor | None = None
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.u_scales is None else 8
+
+
+@dataclass(frozen=True)
 class QuantizedLayer:
     """A method's result for one layer: the codes and, for AWQ, the input scaling.
 
     input_scale: (C_in,) float32 or None: the layer computes ŵ·(x ⊙ input_scale), one factor
         per input feature (Linear) or input channel (Conv2d, shared by its kh·kw taps).
+    group_axis: "input" (``weight`` holds W (N, K), groups along K) or "output" (``weight`` holds
+        Wᵀ (K, N), so its groups run along the output rows of W: AdaDim's per-IC, ``adadim.py``).
+    lorc: LoRC's low-rank correction, or None: the layer computes ŵ_eff·x + Û(V̂x) on its
+        original input x (before input_scale).
     """
 
     weight: QuantizedWeight
     input_scale: Tensor | None = None
+    group_axis: Literal["input", "output"] = "input"
+    lorc: LowRank | None = None
 
     def effective_weight(self) -> Tensor:
-        """(N, K) float32 dense weight computing the same function: ŵ with input_scale folded
-        into its columns."""
+        """(N, K) float32 dense weight computing the same function: ŵ (transposed back for an
+        output-axis layer) with input_scale folded into its columns, plus ÛV̂."""
         w = dequantize(self.weight)
-        if self.input_scale is None:
-            return w
-        return w * self.input_scale.repeat_interleave(w.shape[1] // len(self.input_scale))[None, :]
+        if self.group_axis == "output":
+            w = w.t().contiguous()
+        if self.input_scale is not None:
+            w = w * self.input_scale.repeat_interleave(w.shape[1] // len(self.input_scale))[None, :]
+        if self.lorc is not None:
+            w = w + self.lorc.u @ self.lorc.v
+        return w
+
+
+def quantize_layer(w: Tensor, cfg: GridConfig, axis: Literal["input", "output"] | None = None) -> QuantizedLayer:
+    """RTN of w (N, K) on cfg's grid with groups along ``axis`` (default cfg.group_axis; adaptive
+    means input here). An output-axis layer quantizes Wᵀ, and falls back to the input axis when
+    N does not fit the grid (``fits``)."""
+    axis = axis or ("output" if cfg.group_axis == "output" else "input")
+    if axis == "output" and fits(w.shape[0], cfg):
+        return QuantizedLayer(quantize_weight(w.t(), cfg), group_axis="output")
+    return QuantizedLayer(quantize_weight(w, cfg))
 
 
 Calibration = Tensor | Mapping[str, Tensor]  # model(x), or model(**x); every tensor batch-first
@@ -98,8 +140,9 @@ def taps(module: nn.Linear | nn.Conv2d) -> int:
 
 
 def quantize_rtn(model: nn.Module, x: Tensor | None, cfg: GridConfig) -> dict[str, QuantizedLayer]:
-    """The RTN method: every quantizable layer rounded to the grid; ``x`` is not needed."""
-    return {name: QuantizedLayer(quantize_weight(_matrix(m), cfg)) for name, m in quantizable(model, cfg).items()}
+    """The RTN method: every quantizable layer rounded to the grid (groups along cfg.group_axis);
+    ``x`` is not needed."""
+    return {name: quantize_layer(_matrix(m), cfg) for name, m in quantizable(model, cfg).items()}
 
 
 def _matrix(module: nn.Module) -> Tensor:

@@ -1,4 +1,5 @@
-"""Weight fake-quantizers for QAT, the oscillation tracker, and OFQ's confidence test.
+"""Weight fake-quantizers for QAT, the oscillation tracker, OFQ's confidence test and its
+query–key reparameterized attention (``QkrAttention``, described in ``qat.py``).
 
 Every quantizer fake-quantizes a weight, viewed as (N, G, g) groups of its (N, K) =
 (out, in·kh·kw) matrix, onto the symmetric grid of METHODS.md "Shared definitions":
@@ -38,6 +39,7 @@ from __future__ import annotations
 import abc
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasks.quantize.rtn import GridConfig, QuantizedWeight, code_range, group_size
@@ -182,3 +184,89 @@ class OscillationTracker:
         hit = int(self.window.sum())
         self.window.zero_()
         return hit, self.window.numel()
+
+
+class QkrAttention(nn.Module):
+    """OFQ's query–key reparameterization (QKR) of one attention, for QAT (see ``qat.py``).
+
+    Replaces an nn.MultiheadAttention (batch-first, no masks, no dropout, no bias_k/v) or a
+    SlimAttention in the QAT working copy and is called like it. The attention logits of head h
+    come from the fake-quantized product Ŵ_qk^h = Q(W_q^hᵀ W_k^h) (C×C, C = the model width,
+    stacked over heads into one (H·C, C) matrix quantized by StatsQ per row or group), not from
+    separately quantized W_q and W_k:
+
+        logits^h[n, m] = (x_n Ŵ_qk^h x_mᵀ + x_m·(W_k^hᵀ b_q^h)) / √hd
+
+    The latent ``query_key`` = [W_q; W_k] (2·inner, C) trains through Ŵ_qk's straight-through
+    gradient; W_v, the biases and ``out_proj`` (shared with the model, so its own quantizer
+    keeps working) are as in the original. Float (Q = identity) it equals the original
+    attention: the bias terms constant over the keys m (x_n W_qᵀ b_k, b_q·b_k) cancel in the
+    softmax and x_m·(W_kᵀ b_q) is kept exactly.
+    """
+
+    def __init__(self, attn: nn.Module, cfg: GridConfig):
+        super().__init__()
+        if isinstance(attn, nn.MultiheadAttention):
+            if not (attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
+                    and not attn.add_zero_attn and attn.dropout == 0):
+                raise ValueError("qkr: needs nn.MultiheadAttention(batch_first=True) with q/k/v of one width, "
+                                 "no bias_k/bias_v, no add_zero_attn and dropout 0")
+            self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        else:
+            self.heads, self.head_dim = attn.heads, attn.head_dim
+        inner = self.heads * self.head_dim
+        w = attn.in_proj_weight.detach()  # (3·inner, C): W_q, W_k, W_v
+        bias = attn.in_proj_bias.detach() if attn.in_proj_bias is not None else w.new_zeros(3 * inner)
+        self.query_key = nn.Parameter(w[: 2 * inner].clone())  # (2·inner, C): the latent W_q then W_k
+        self.register_buffer("value_weight", w[2 * inner:].clone())  # (inner, C)
+        self.register_buffer("in_proj_bias", bias.clone())  # (3·inner,)
+        self.out_proj = attn.out_proj
+        self.quantizer = StatsQuantizer(self.product().detach(), cfg)
+        self.boundary_range: float | None = None  # set during CGA
+
+    def product(self) -> Tensor:
+        """W_qk (H·C, C): rows h·C .. (h+1)·C − 1 hold head h's W_q^hᵀ W_k^h."""
+        wq, wk = self.query_key.unflatten(0, (2, self.heads, self.head_dim)).unbind(0)  # (H, hd, C) each
+        return (wq.transpose(1, 2) @ wk).flatten(0, 1)
+
+    def quantized_product(self, wqk: Tensor) -> Tensor:
+        """Ŵ_qk (H·C, C); during CGA the confident entries of ``wqk`` pass no gradient (the
+        reference's ``StatsQuantizer_specific_4_qkreparam_cga``)."""
+        if self.boundary_range is not None:
+            wqk = torch.where(confident(self.quantizer, wqk, self.boundary_range), wqk.detach(), wqk)
+        return self.quantizer(wqk)
+
+    @torch.no_grad()
+    def export_in_proj(self) -> tuple[Tensor, Tensor]:
+        """(in_proj_weight (3·inner, C), in_proj_bias (3·inner,)) for the original float attention,
+        holding the nearest it can to this forward: per head, Ŵ_qk^h = U S Vᵀ truncated to rank hd
+        (the product of two (hd, C) matrices nearest Ŵ_qk^h in Frobenius norm, Eckart–Young), split
+        W_q^h = (U S^½)ᵀ, W_k^h = S^½ Vᵀ, and b_q^h = S^−½ Vᵀ u^h, so that W_k^hᵀ b_q^h is u^h's part
+        in the new keys' row space; W_v, b_k (it cancels in the softmax) and b_v unchanged."""
+        h, hd = self.heads, self.head_dim
+        w_hat = self.quantizer(self.product()).unflatten(0, (h, -1)).double()  # (H, C, C)
+        left, sv, right = torch.linalg.svd(w_hat)  # (H, C, C), (H, C), (H, C, C)
+        root = sv[:, :hd].sqrt()  # (H, hd)
+        w_q = (left[:, :, :hd] * root[:, None, :]).transpose(1, 2)  # (H, hd, C)
+        w_k = root[:, :, None] * right[:, :hd]  # (H, hd, C)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        latent_k = self.query_key[h * hd:].unflatten(0, (h, hd)).double()  # (H, hd, C)
+        u = torch.einsum("hdc,hd->hc", latent_k, b_q.unflatten(0, (h, hd)).double())  # (H, C)
+        inverse_root = torch.where(root > 1e-12, 1 / root.clamp_min(1e-12), torch.zeros_like(root))
+        new_b_q = inverse_root * torch.einsum("hdc,hc->hd", right[:, :hd], u)  # (H, hd)
+        weight = torch.cat([w_q.flatten(0, 1).float(), w_k.flatten(0, 1).float(), self.value_weight])
+        return weight, torch.cat([new_b_q.flatten().float(), b_k, b_v])
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        if need_weights:
+            raise ValueError("QkrAttention does not return attention weights; call it with need_weights=False")
+        h, hd = self.heads, self.head_dim
+        wqk = self.quantized_product(self.product()).unflatten(0, (h, -1))  # (H, C, C)
+        b_q, _, b_v = self.in_proj_bias.chunk(3)
+        w_k = self.query_key[h * hd:].unflatten(0, (h, hd))  # (H, hd, C)
+        u = torch.einsum("hdc,hd->hc", w_k, b_q.unflatten(0, (h, hd)))  # (H, C): W_k^hᵀ b_q^h
+        left = torch.einsum("bnc,hcd->bhnd", query, wqk)  # (B, H, T, C): x_n Ŵ_qk^h
+        logits = left @ key.transpose(1, 2)[:, None] + torch.einsum("hc,bmc->bhm", u, key)[:, :, None]  # (B, H, T, T)
+        v = F.linear(value, self.value_weight, b_v).unflatten(-1, (h, hd)).transpose(1, 2)  # (B, H, T, hd)
+        out = torch.softmax(logits / hd**0.5, dim=-1) @ v  # (B, H, T, hd)
+        return self.out_proj(out.transpose(1, 2).flatten(2)), None  # (B, T, width)

@@ -17,7 +17,9 @@ so the packed storage and ``kernels/`` can run the real low-bit matmul.
 
 ``GridConfig`` holds the grid settings every PTQ method's config shares, so GPTQ and AWQ are
 compared with RTN on the same grid; ``fit_grid`` and ``round_to_grid`` are the two halves of
-the quantizer that GPTQ calls column by column.
+the quantizer that GPTQ calls column by column. Two options of the grid apply to every method
+but are implemented once outside it: ``lorc_rank``/``lorc_bits`` (``lorc.py``, after any PTQ
+method) and ``group_axis`` (``adadim.py``; rtn and adadim only).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
+
+AXIS_METHODS = {"output": ("rtn", "adadim"), "adaptive": ("adadim",)}  # methods that take group_axis != input
+NO_LORC_METHODS = ("qat",)  # methods that train their weights: LoRC's post-training correction does not apply
 
 
 class GridConfig(BaseModel):
@@ -43,6 +48,18 @@ class GridConfig(BaseModel):
         default="channel", description="one scale per tensor, per output channel, or per input-channel group")
     group_size: int = Field(default=32, ge=2, description="input channels per group (granularity: group)")
     symmetric: bool = Field(default=True, description="zero-point fixed at 0 (True) or fitted per range (False)")
+    group_axis: Literal["input", "output", "adaptive"] = Field(
+        default="input",
+        description="the axis a scale's weights run along: 'input' = one scale per output row and group of "
+                    "input channels (scales (N, K/g)); 'output' = one scale per input column and group of output "
+                    "rows (scales (N/g, K), AdaDim's per-IC); 'adaptive' = the one of least calibration output "
+                    "error per layer (methods rtn [input, output] and adadim only; adaptive needs adadim)")
+    lorc_rank: int = Field(
+        default=0, ge=0,
+        description="LoRC (ZeroQuant-V2): rank r of the SVD correction of each layer's quantization error, "
+                    "added after any PTQ method; 0 = off, 2/4/8 typical")
+    lorc_bits: Literal[8, 16] = Field(
+        default=16, description="storage of LoRC's factors: 16 = float16, 8 = int8 symmetric per row")
 
     @model_validator(mode="after")
     def _group_size_is_power_of_two(self) -> GridConfig:
@@ -50,6 +67,18 @@ class GridConfig(BaseModel):
         if self.granularity == "group" and (g < 16 or g & (g - 1)):
             raise ValueError(f"quantize.group_size: {g} is not a power of two >= 16 "
                              "(16, 32, 64, 128, ...); granularity 'group' needs one")
+        return self
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> GridConfig:
+        if self.group_axis != "input" and self.method not in AXIS_METHODS[self.group_axis]:
+            raise ValueError(f"quantize.group_axis: {self.group_axis!r} is supported by method "
+                             f"{' or '.join(AXIS_METHODS[self.group_axis])}, not {self.method!r}")
+        if self.lorc_rank and self.method in NO_LORC_METHODS:
+            # QAT trains its latent weights: an SVD of (base W − Ŵ) would pull the result back toward
+            # the untrained base; ZeroQuant-V2 defines LoRC as a post-training add-on
+            raise ValueError(f"quantize.lorc_rank: LoRC corrects post-training quantization error; "
+                             f"method {self.method!r} trains its weights, set lorc_rank: 0")
         return self
 
 

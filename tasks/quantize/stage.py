@@ -18,6 +18,7 @@ from slimforge.checkpoint import build_from_spec, load_model
 from slimforge.data import load_dataset
 from tasks.quantize import get_method
 from tasks.quantize.layerwise import layer_output_errors
+from tasks.quantize.lorc import apply_lorc
 from tasks.quantize.packed import load_packed_artifact, pack_layers, save_packed
 from tasks.select.output import named_set
 
@@ -57,6 +58,7 @@ def run(params, ws, fanout=None) -> dict:
             target.mkdir()
             method = get_method(variant.method)
             layers = method.quantize(base, dataset.part("train") if method.data == "train" else calib_x, variant)
+            layers = apply_lorc(base, layers, variant)  # LoRC after any PTQ method (lorc_rank > 0)
             tensors = pack_layers(base, layers)
             save_packed(target / WEIGHTS, tensors, variant)
             write_meta(target, root=ws.root, stage="quantize", method=variant.method,

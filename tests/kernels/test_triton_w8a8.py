@@ -65,7 +65,7 @@ def test_triton_half_precision_output():
 
 def test_w8a8_linear_runs_the_triton_kernel():
     """The packed SmoothQuant module with kernel='triton' matches its torch-kernel twin."""
-    from tasks.quantize.packed import W8A8Linear
+    from tasks.quantize.execution import W8A8Linear
     from tasks.quantize.smoothquant import SmoothQuantConfig, smoothquant_layer
 
     gen = torch.Generator().manual_seed(3)

@@ -1,4 +1,4 @@
-"""Packed storage and low-bit execution (tasks/quantize/packed.py): round trips through a file, for
+"""Packed storage and low-bit execution (tasks/quantize/packed.py, execution.py): round trips through a file, for
 every method (RTN, GPTQ, AWQ with its input scales, SmoothQuant's W8A8)."""
 
 import copy
@@ -15,13 +15,16 @@ from kernels.cpu import int8_dynamic_available
 from slimforge.artifacts import ArtifactError, load_tensors, save_tensors
 from slimforge.models import CNNConfig, MLPConfig, ViTConfig, build_model
 from tasks.quantize import AwqConfig, GptqConfig, get_method
+from tasks.quantize import execution as execution_mod
 from tasks.quantize import packed as packed_mod
-from tasks.quantize.packed import (
+from tasks.quantize.execution import (
     Int4CpuLinear,
     Int8Linear,
     PackedLinear,
     W4A16Linear,
     W8A8Linear,
+)
+from tasks.quantize.packed import (
     load_quantized,
     pack_layers,
     packed_layout,
@@ -112,8 +115,8 @@ def test_loaded_model_runs_the_packed_ops(tmp_path, monkeypatch):
     assert int4.backbone[1].weight_int4pack.numel() == 64 * 64 // 2  # half a byte per weight
     calls = []
     for fn in ("int8_weight_matmul", "int4_weight_matmul"):
-        real = getattr(packed_mod, fn)
-        monkeypatch.setattr(packed_mod, fn, lambda *a, _r=real, _n=fn: calls.append(_n) or _r(*a))
+        real = getattr(execution_mod, fn)
+        monkeypatch.setattr(execution_mod, fn, lambda *a, _r=real, _n=fn: calls.append(_n) or _r(*a))
     with torch.no_grad():
         int8(torch.randn(2, 64)), int4(torch.randn(2, 64))
     assert calls == ["int8_weight_matmul"] * 3 + ["int4_weight_matmul"] * 2  # int4 head (N = 10) is dense

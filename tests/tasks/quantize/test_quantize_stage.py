@@ -14,7 +14,7 @@ from slimforge.config import ParamsError, dump_params, validate_params
 from slimforge.data import load_dataset
 from slimforge.workspace import Workspace
 from tasks.ingest.stage import run as run_ingest
-from tasks.quantize.packed import PackedLinear
+from tasks.quantize.execution import PackedLinear
 from tasks.quantize.stage import run as run_quantize
 from tasks.select.stage import run as run_select
 from tasks.train.stage import run as run_train
