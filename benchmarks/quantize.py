@@ -206,6 +206,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     for b in (1, 256):  # per row: the paired fp32 timing, else (fp32 row, older rows) the fp32 row's
         paired = df[f"fp32_ms_b{b}"] if f"fp32_ms_b{b}" in df else pd.Series(float("nan"), index=df.index)
         df[f"speedup_b{b}"] = paired.fillna(df.model.map(fp32[f"ms_b{b}"].median())) / df[f"ms_b{b}"]
+        df.loc[df.method == "fp32", f"speedup_b{b}"] = 1.0
     extra = [c for c in ("cosine_min", "knn_overlap@10", "spearman") if c in df]
     agg = {"quality": ("quality", "mean"), "std": ("quality", "std"), "n": ("seed", "count"),
            "bytes": ("bytes", "mean"), "ms_b1": ("ms_b1", "median"), "ms_b256": ("ms_b256", "median"),
@@ -219,22 +220,24 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                      zip(out.quality, out.model, out.bits, out.granularity, strict=True)]
     image = out.model.isin(list(ARCHS))
     out.loc[image, ["quality", "std", "vs_rtn"]] *= 100  # accuracy in %
+    first = {"model": {m: i for i, m in enumerate(MODELS)}, "method": {"fp32": ""}}  # models as MODELS, fp32 on top
     out = out.sort_values(["model", "bits", "granularity", "method"], ascending=[True, False, True, True],
-                          key=lambda c: c.map({"fp32": ""}).fillna(c) if c.name == "method" else c)
+                          key=lambda c: c.map(first[c.name]).fillna(c) if c.name in first else c)
     return out.round({"quality": 4, "std": 4, "vs_rtn": 4, "size_x": 3, "speedup_b1": 2, "speedup_b256": 2,
                       "quantize_s": 2, **{c: 4 for c in extra}})
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     models = [m for m in MODELS if m in set(table.model)]
+    index = {m: i for i, m in enumerate(sorted(set(table.method) - {"fp32"}))}  # one colour per method everywhere
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 9), squeeze=False)
     for col, model in enumerate(models):
         part = table[table.model == model]
         label = "test accuracy (%)" if model in ARCHS else "cosine to fp32 (mean)"
         top, bottom = axes[0][col], axes[1][col]
         fp32 = part[part.method == "fp32"]
-        methods = [m for m in dict.fromkeys(part.method) if m != "fp32"]
-        for i, method in enumerate(methods):
+        for method in sorted(set(part.method) - {"fp32"}):
+            i = index[method]
             color, marker = plt.cm.tab10(i % 10), "os^Dvx*"[i % 7]
             for granularity, ls in (("channel", "-"), ("group", "--"), ("tensor", ":")):
                 m = part[(part.method == method) & (part.granularity == granularity)].sort_values("bits")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -70,8 +71,13 @@ def channel_max(x: Tensor, taps: int) -> Tensor:
 
 
 def smoothing_scales(act_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
-    """s_j = max|X_j|^α / max|W_j|^(1−α), per input channel (C,); weight maxima and s clamped at 1e-5."""
-    return (act_max.pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+    """s_j = max|X_j|^α / max|W_j|^(1−α), per input channel (C,); weight maxima and s clamped at 1e-5.
+
+    A channel that is 0 on every calibration input (a ReLU feature that never fires there) gets
+    s_j = 1: the formula's s_j = 1e-5 would multiply that channel by 1e5 at run time, and one
+    test input that does fire it would then own the whole per-tensor activation grid."""
+    s = (act_max.pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+    return torch.where(act_max > 0, s, torch.ones_like(s))
 
 
 def smoothquant_layer(w: Tensor, x: Tensor, taps: int, cfg: SmoothQuantConfig) -> QuantizedLayer:

@@ -81,7 +81,7 @@ def test_zero_steps_on_a_model_is_rtn(reconstruction, trained_cnn, digits_split)
 
 @pytest.mark.parametrize("grid", [(3, "channel", True), (4, "group", False), (3, "tensor", True)], ids=grid_id)
 def test_learned_weight_is_integral_on_its_grid(grid):
-    """After training, Ŵ/s₁ is integral and in range, and the stored codes dequantize to Ŵ exactly."""
+    """After training with a learned s₁, Ŵ/s₁ (+ z) is integral, in the code range, and the stored codes."""
     w, x = weight(2), torch.randn(128, 48, generator=torch.Generator().manual_seed(3))
     cfg = flexround(grid, steps=50, lr=1e-2)
     qw = flexround_layer(w, x, 3, cfg).weight

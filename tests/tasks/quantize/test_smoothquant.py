@@ -67,6 +67,17 @@ def test_alpha_half_balances_channel_ranges():
     assert torch.equal(layer.weight.codes, quantize_weight(w * s, sq()).codes)
 
 
+def test_a_channel_dead_on_calibration_keeps_scale_one():
+    w, x = outlier_inputs(3)
+    x[:, 5] = 0  # never fires on the calibration set
+    layer = smoothquant_layer(w, x, 1, sq(activations="per_tensor"))
+    assert layer.input_scale[5] == 1 and (layer.input_scale[torch.arange(64) != 5] != 1).any()
+    probe = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))  # fires channel 5 at test time
+    ref = probe @ w.T
+    err = (w8a8_output(layer, probe, "per_tensor") - ref).norm() / ref.norm()
+    assert err < 0.05, err  # a 1e5 input scale on channel 5 would swamp the per-tensor grid
+
+
 def test_conv_scales_take_the_max_over_taps():
     x = torch.tensor([[1.0, -5.0, 2.0, 0.5], [3.0, 0.0, -1.0, 4.0]])  # (M, C·taps), C = 2 channels of 2 taps
     torch.testing.assert_close(channel_max(x, 2), torch.tensor([5.0, 4.0]))
