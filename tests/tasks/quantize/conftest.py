@@ -1,6 +1,8 @@
 """Fixtures shared by the quantize tests: models trained briefly on sklearn digits
 (digits_split lives in tests/tasks/conftest.py)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -13,14 +15,44 @@ def _one_thread(one_thread):
     """Every test here on one intra-op thread."""
 
 
-def _trained(arch, digits_split, seed: int) -> torch.nn.Module:
-    xtr, ytr, _, _ = digits_split
-    gen = torch.Generator().manual_seed(seed)
-    model = build_model(arch, (64,), 10)
-    with torch.no_grad():  # a seeded uniform fan-in init, no global RNG
+def _seeded(arch, input_shape: tuple[int, ...], num_classes: int, gen: torch.Generator) -> torch.nn.Module:
+    """build_model with every parameter drawn from a uniform fan-in init on ``gen`` (no global RNG)."""
+    model = build_model(arch, input_shape, num_classes)
+    with torch.no_grad():
         for p in model.parameters():
             bound = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
             p.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+@pytest.fixture
+def make_model():
+    """make_model(arch config, input_shape, num_classes, seed=...) -> an untrained, seeded model."""
+    return lambda arch, input_shape, num_classes, seed: _seeded(arch, input_shape, num_classes,
+                                                                torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def dense_twin():
+    """dense_twin(model, layers) -> a copy of ``model`` whose quantized layers hold their effective
+    weight (dequantized codes, input scaling and low-rank correction folded in): the float function
+    the packed model must compute."""
+
+    def twin(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                w = ref.get_submodule(name).weight
+                w.copy_(layer.effective_weight().reshape(w.shape))
+        return ref
+
+    return twin
+
+
+def _trained(arch, digits_split, seed: int) -> torch.nn.Module:
+    xtr, ytr, _, _ = digits_split
+    gen = torch.Generator().manual_seed(seed)
+    model = _seeded(arch, (64,), 10, gen)
     fit(model, xtr, ytr, FitConfig(epochs=6, batch_size=64, lr=3e-3), gen)
     return model.eval()
 

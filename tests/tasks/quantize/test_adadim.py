@@ -13,31 +13,13 @@ from torch import nn
 
 from slimforge.artifacts import load_tensors
 from slimforge.config import validate_params
-from slimforge.models import MLPConfig, build_model
+from slimforge.models import MLPConfig
 from tasks.quantize import GptqConfig, get_method
 from tasks.quantize.adadim import AdadimConfig, adadim_layer, output_error
 from tasks.quantize.layerwise import layer_inputs, quantizable, quantize_layer
 from tasks.quantize.lorc import apply_lorc
 from tasks.quantize.packed import load_quantized, pack_layers, read_layers, save_packed
 from tasks.quantize.rtn import RtnConfig
-
-
-def seeded(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            bound = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
-            p.uniform_(-bound, bound, generator=gen)
-    return model
-
-
-def dense_twin(model: nn.Module, layers: dict) -> nn.Module:
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            w = ref.get_submodule(name).weight
-            w.copy_(layer.effective_weight().reshape(w.shape))
-    return ref
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -61,8 +43,8 @@ def test_per_ic_groups_beat_per_oc_with_an_outlier_input_channel(seed):
     assert grouped["output"][1] < 0.6 * grouped["input"][1], grouped
 
 
-def test_adaptive_picks_the_better_axis_per_layer():
-    model = seeded(build_model(MLPConfig(hidden=[64, 64]), (64,), 10), seed=1).eval()
+def test_adaptive_picks_the_better_axis_per_layer(make_model):
+    model = make_model(MLPConfig(hidden=[64, 64]), (64,), 10, seed=1).eval()
     with torch.no_grad():
         model.backbone[1].weight[:, 5] *= 20  # outlier input channel: per-IC (output) wins
         model.backbone[3].weight[7] *= 20  # outlier output channel: per-OC (input) wins
@@ -88,8 +70,8 @@ def test_adaptive_calibration_error_is_at_most_both_fixed_axes(trained_mlp, digi
                                  RtnConfig(name="w3oa", bits=3, granularity="channel", group_axis="output", symmetric=False),
                                  RtnConfig(name="w8o", bits=8, group_axis="output", lorc_rank=2)],
                          ids=["w4g16", "w3c-asym", "int8-lorc"])
-def test_output_axis_layers_round_trip_to_their_effective_weight(cfg, tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64, 32]), (48,), 10), seed=3).eval()
+def test_output_axis_layers_round_trip_to_their_effective_weight(cfg, tmp_path, dense_twin, make_model):
+    model = make_model(MLPConfig(hidden=[64, 32]), (48,), 10, seed=3).eval()
     layers = apply_lorc(model, get_method("rtn").quantize(model, None, cfg), cfg)
     output_axis = sorted(n for n, la in layers.items() if la.group_axis == "output")
     assert output_axis == ["backbone.1", "backbone.3"] or cfg.granularity != "group"  # head N = 10 stays input

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from slimforge.artifacts import ArtifactError, load_tensors
-from slimforge.models import CNNConfig, MLPConfig, build_model
+from slimforge.models import CNNConfig, MLPConfig
 from tasks.quantize import AwqConfig, GptqConfig, get_method
 from tasks.quantize.execution import Int4CpuLinear, Int8Linear, W4A16Linear
 from tasks.quantize.layerwise import layer_output_errors
@@ -31,15 +31,6 @@ from tasks.quantize.qat import QatConfig
 from tasks.quantize.rtn import RtnConfig
 
 
-def seeded(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            bound = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
-            p.uniform_(-bound, bound, generator=gen)
-    return model
-
-
 def rtn_layer(w: torch.Tensor, bits: int = 3):
     return get_method("rtn").quantize(_single(w), None, RtnConfig(name="r", bits=bits))["lin"]
 
@@ -50,15 +41,6 @@ def _single(w: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         m.lin.weight.copy_(w)
     return m
-
-
-def dense_twin(model: nn.Module, layers: dict) -> nn.Module:
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            w = ref.get_submodule(name).weight
-            w.copy_(layer.effective_weight().reshape(w.shape))
-    return ref
 
 
 def data_bytes(path) -> int:
@@ -94,8 +76,8 @@ def test_error_is_non_increasing_in_rank(bits):
 
 
 @pytest.mark.parametrize("bits", [16, 8])
-def test_added_bytes_are_rank_times_m_plus_n(bits, tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64]), (96,), 10), seed=2).eval()
+def test_added_bytes_are_rank_times_m_plus_n(bits, tmp_path, make_model):
+    model = make_model(MLPConfig(hidden=[64]), (96,), 10, seed=2).eval()
     cfg = RtnConfig(name="w4", bits=4, granularity="group", group_size=32)
     sizes = {}
     for r in (0, 2, 4, 8):
@@ -115,8 +97,8 @@ KINDS = [(RtnConfig(name="int8", bits=8), "auto", Int8Linear),
 
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("cfg,kernel,kind", KINDS, ids=["int8-cpu", "int4-cpu", "w4a16-torch"])
-def test_packed_round_trip_computes_the_effective_weight(cfg, kernel, kind, bits, tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64, 64]), (64,), 10), seed=3).eval()
+def test_packed_round_trip_computes_the_effective_weight(cfg, kernel, kind, bits, tmp_path, dense_twin, make_model):
+    model = make_model(MLPConfig(hidden=[64, 64]), (64,), 10, seed=3).eval()
     cfg = cfg.model_copy(update={"lorc_rank": 4, "lorc_bits": bits})
     layers = apply_lorc(model, get_method("rtn").quantize(model, None, cfg), cfg)
     path = tmp_path / "m.safetensors"
@@ -144,8 +126,8 @@ def test_packed_round_trip_computes_the_effective_weight(cfg, kernel, kind, bits
         torch.testing.assert_close(full - module(x), (x @ lr.v.t()) @ lr.u.t(), atol=1e-5, rtol=1e-4)
 
 
-def test_conv_layers_fold_the_correction_and_qat_rejects_it(tmp_path):
-    model = seeded(build_model(CNNConfig(channels=[8, 16], hidden=32), (1, 12, 12), 10), seed=5).eval()
+def test_conv_layers_fold_the_correction_and_qat_rejects_it(tmp_path, dense_twin, make_model):
+    model = make_model(CNNConfig(channels=[8, 16], hidden=32), (1, 12, 12), 10, seed=5).eval()
     cfg = RtnConfig(name="w3", bits=3, lorc_rank=2)
     layers = apply_lorc(model, get_method("rtn").quantize(model, None, cfg), cfg)
     save_packed(tmp_path / "c.safetensors", pack_layers(model, layers), cfg)
@@ -161,8 +143,8 @@ def test_conv_layers_fold_the_correction_and_qat_rejects_it(tmp_path):
         QatConfig(name="q", method="qat", bits=4, lorc_rank=4)
 
 
-def test_bad_lorc_tensors_raise_artifact_errors(tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64]), (64,), 10), seed=0).eval()
+def test_bad_lorc_tensors_raise_artifact_errors(tmp_path, make_model):
+    model = make_model(MLPConfig(hidden=[64]), (64,), 10, seed=0).eval()
     cfg = RtnConfig(name="int8", bits=8, lorc_rank=2)
     state = quantize_model(model, cfg)
     save_packed(tmp_path / "m.safetensors", state, cfg)
@@ -181,7 +163,7 @@ PTQ = [RtnConfig(name="rtn3", bits=3),
 
 
 @pytest.mark.parametrize("cfg", PTQ, ids=[c.name for c in PTQ])
-def test_lorc_lowers_calibration_layer_error_on_a_trained_cnn(cfg, trained_cnn, digits_split):
+def test_lorc_lowers_calibration_layer_error_on_a_trained_cnn(cfg, trained_cnn, digits_split, dense_twin):
     calib = digits_split[0][:256]
     layers = get_method(cfg.method).quantize(trained_cnn, calib, cfg)
     names = sorted(layers)
@@ -224,8 +206,8 @@ def test_stage_writes_lorc_and_adadim_variants(tmp_path):
         assert model(x).shape == (4, 10)
 
 
-def test_files_from_before_lorc_and_group_axes_still_load(tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64]), (64,), 10), seed=0).eval()
+def test_files_from_before_lorc_and_group_axes_still_load(tmp_path, make_model):
+    model = make_model(MLPConfig(hidden=[64]), (64,), 10, seed=0).eval()
     cfg = RtnConfig(name="w4", bits=4, granularity="group", group_size=32)
     state = quantize_model(model, cfg)
     save_packed(tmp_path / "m.safetensors", state, cfg)

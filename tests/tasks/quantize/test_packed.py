@@ -36,16 +36,6 @@ from tasks.quantize.rtn import RtnConfig, fake_quantize
 from tasks.quantize.smoothquant import SmoothQuantConfig, w8a8_output
 
 
-def seeded(model: nn.Module, seed: int) -> nn.Module:
-    """Re-draw every parameter from an explicit generator (no global RNG)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            bound = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 0.05
-            p.uniform_(-bound, bound, generator=gen)
-    return model
-
-
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     noise = (ref.double() - out.double()).pow(2).sum().clamp_min(1e-300)
     return 10 * torch.log10(ref.double().pow(2).sum() / noise).item()
@@ -85,8 +75,8 @@ VARIANTS = [  # config, module running Linear(64 -> 64), module running the head
 
 
 @pytest.mark.parametrize("cfg,kind,head_kind", VARIANTS, ids=[v[0].name for v in VARIANTS])
-def test_round_trip_matches_fake_quant(cfg, kind, head_kind, tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64, 32]), (64,), 10), seed=0).eval()
+def test_round_trip_matches_fake_quant(cfg, kind, head_kind, tmp_path, make_model):
+    model = make_model(MLPConfig(hidden=[64, 32]), (64,), 10, seed=0).eval()
     loaded, state = round_trip(model, cfg, tmp_path)
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -101,8 +91,8 @@ def test_round_trip_matches_fake_quant(cfg, kind, head_kind, tmp_path):
         assert not any(k.endswith(".zeros") for k in state)
 
 
-def test_loaded_model_runs_the_packed_ops(tmp_path, monkeypatch):
-    model = seeded(build_model(MLPConfig(hidden=[64, 32]), (64,), 10), seed=0).eval()
+def test_loaded_model_runs_the_packed_ops(tmp_path, monkeypatch, make_model):
+    model = make_model(MLPConfig(hidden=[64, 32]), (64,), 10, seed=0).eval()
     int8, _ = round_trip(model, RtnConfig(name="int8", bits=8), tmp_path)
     int4, _ = round_trip(model, RtnConfig(name="w4", bits=4, granularity="group", group_size=32), tmp_path)
     for m in (int8.backbone[1], int8.backbone[3], int4.backbone[1], int4.backbone[3]):
@@ -122,9 +112,9 @@ def test_loaded_model_runs_the_packed_ops(tmp_path, monkeypatch):
     assert calls == ["int8_weight_matmul"] * 3 + ["int4_weight_matmul"] * 2  # int4 head (N = 10) is dense
 
 
-def test_explicit_w4a16_kernel(tmp_path):
+def test_explicit_w4a16_kernel(tmp_path, make_model):
     cfg = RtnConfig(name="w4", bits=4, granularity="group", group_size=16)
-    model = seeded(build_model(MLPConfig(hidden=[40]), (48,), 10), seed=3).eval()  # head K = 40: not quantized
+    model = make_model(MLPConfig(hidden=[40]), (48,), 10, seed=3).eval()  # head K = 40: not quantized
     loaded, state = round_trip(model, cfg, tmp_path, kernel="torch")
     assert isinstance(loaded.backbone[1], W4A16Linear) and type(loaded.head) is nn.Linear
     assert "head.weight" in state and state["head.weight"].dtype == torch.float32
@@ -134,9 +124,9 @@ def test_explicit_w4a16_kernel(tmp_path):
     assert sqnr_db(ref, out) >= 50, f"max |diff| {(ref - out).abs().max().item():.3e}"
 
 
-def test_cnn_and_vit_dequantize_what_is_not_a_plain_linear(tmp_path):
-    cnn = seeded(build_model(CNNConfig(channels=[16, 32], hidden=128), (1, 28, 28), 10), seed=1).eval()
-    vit = seeded(build_model(ViTConfig(patch=4, width=32, depth=1, heads=2, mlp=64), (1, 8, 8), 10), seed=2).eval()
+def test_cnn_and_vit_dequantize_what_is_not_a_plain_linear(tmp_path, make_model):
+    cnn = make_model(CNNConfig(channels=[16, 32], hidden=128), (1, 28, 28), 10, seed=1).eval()
+    vit = make_model(ViTConfig(patch=4, width=32, depth=1, heads=2, mlp=64), (1, 8, 8), 10, seed=2).eval()
     for model, shape in ((cnn, (3, 1, 28, 28)), (vit, (3, 1, 8, 8))):
         cfg = RtnConfig(name="int8", bits=8)
         loaded, state = round_trip(model, cfg, tmp_path)
@@ -147,8 +137,8 @@ def test_cnn_and_vit_dequantize_what_is_not_a_plain_linear(tmp_path):
         assert sqnr_db(ref, out) >= 35, f"max |diff| {(ref - out).abs().max().item():.3e}"
 
 
-def test_int4_cnn_file_is_at_most_a_sixth_of_fp32(tmp_path):
-    model = seeded(build_model(CNNConfig(channels=[16, 32], hidden=128), (1, 28, 28), 10), seed=0)
+def test_int4_cnn_file_is_at_most_a_sixth_of_fp32(tmp_path, make_model):
+    model = make_model(CNNConfig(channels=[16, 32], hidden=128), (1, 28, 28), 10, seed=0)
     save_tensors(tmp_path / "fp32.safetensors", dict(model.state_dict()))
     cfg = RtnConfig(name="int4", bits=4, granularity="group", group_size=32)
     state = quantize_model(model, cfg)
@@ -157,14 +147,14 @@ def test_int4_cnn_file_is_at_most_a_sixth_of_fp32(tmp_path):
     assert ratio <= 1 / 6, f"int4 file is {ratio:.3f} of fp32"
 
 
-def test_int8_per_channel_keeps_digits_accuracy(tmp_path):
+def test_int8_per_channel_keeps_digits_accuracy(tmp_path, make_model):
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # (1797, 64)
     y = torch.tensor(digits.target)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(y), generator=gen)
     train, test = order[:1400], order[1400:]
-    model = seeded(build_model(MLPConfig(), (64,), 10), seed=0)
+    model = make_model(MLPConfig(), (64,), 10, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for batch in train[torch.randperm(len(train), generator=gen)].split(32):  # one epoch
         opt.zero_grad()
@@ -179,8 +169,8 @@ def test_int8_per_channel_keeps_digits_accuracy(tmp_path):
     assert abs(acc[0] - acc[1]) < 1.0, f"fp32 {acc[0]:.2f}% vs int8 {acc[1]:.2f}%"
 
 
-def test_bad_files_raise_artifact_errors(tmp_path):
-    model = seeded(build_model(MLPConfig(hidden=[64]), (64,), 10), seed=0)
+def test_bad_files_raise_artifact_errors(tmp_path, make_model):
+    model = make_model(MLPConfig(hidden=[64]), (64,), 10, seed=0)
     cfg = RtnConfig(name="int8", bits=8)
     state = quantize_model(model, cfg)
     meta = packed_layout(cfg, state)
@@ -208,8 +198,8 @@ CALIBRATED = [
 ]
 
 
-def _calibrated_round_trip(cfg, tmp_path, kernel):
-    model = seeded(build_model(MLPConfig(hidden=[64, 32]), (64,), 10), seed=0).eval()
+def _calibrated_round_trip(make_model, cfg, tmp_path, kernel):
+    model = make_model(MLPConfig(hidden=[64, 32]), (64,), 10, seed=0).eval()
     calib = torch.randn(128, 64, generator=torch.Generator().manual_seed(4))
     layers = get_method(cfg.method).quantize(model, calib, cfg)
     state = pack_layers(model, layers)
@@ -223,8 +213,8 @@ def _calibrated_round_trip(cfg, tmp_path, kernel):
 
 
 @pytest.mark.parametrize("cfg", CALIBRATED, ids=[c.name for c in CALIBRATED])
-def test_every_method_round_trips_codes_exactly(cfg, tmp_path):
-    _, layers, back, metadata, _ = _calibrated_round_trip(cfg, tmp_path, "auto")
+def test_every_method_round_trips_codes_exactly(cfg, tmp_path, make_model):
+    _, layers, back, metadata, _ = _calibrated_round_trip(make_model, cfg, tmp_path, "auto")
     assert set(back) == set(layers) == {"backbone.1", "backbone.3", "head"}
     assert metadata["method"] == cfg.method
     assert json.loads(metadata["input_scales"]) == (sorted(layers) if cfg.method == "awq" else [])
@@ -238,12 +228,12 @@ def test_every_method_round_trips_codes_exactly(cfg, tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [c for c in CALIBRATED if c.bits < 8], ids=[c.name for c in CALIBRATED if c.bits < 8])
-def test_calibrated_artifacts_run_on_the_low_bit_modules(cfg, tmp_path):
+def test_calibrated_artifacts_run_on_the_low_bit_modules(cfg, tmp_path, make_model):
     """The fp32 torch W4A16 path matches the dense reference built from the stored layers to
     1e-4; the CPU packed op (bf16 activations) by an SQNR floor."""
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(5))
     for kernel, module_type in (("torch", W4A16Linear), ("auto", Int4CpuLinear)):
-        model, _, back, _, loaded = _calibrated_round_trip(cfg, tmp_path, kernel)
+        model, _, back, _, loaded = _calibrated_round_trip(make_model, cfg, tmp_path, kernel)
         assert type(loaded.backbone[1]) is module_type
         assert (loaded.backbone[1].input_scale is not None) == (cfg.method == "awq")
         ref = copy.deepcopy(model)
@@ -258,9 +248,9 @@ def test_calibrated_artifacts_run_on_the_low_bit_modules(cfg, tmp_path):
             assert sqnr_db(want, got) >= 35, f"max |diff| {diff:.3e}"
 
 
-def test_bad_input_scales_raise_artifact_errors(tmp_path):
+def test_bad_input_scales_raise_artifact_errors(tmp_path, make_model):
     cfg = CALIBRATED[3]
-    model, layers, _, metadata, _ = _calibrated_round_trip(cfg, tmp_path, "auto")
+    model, layers, _, metadata, _ = _calibrated_round_trip(make_model, cfg, tmp_path, "auto")
     state = pack_layers(model, layers)
     short = {**state, "backbone.1.input_scale": state["backbone.1.input_scale"][:10]}
     with pytest.raises(ArtifactError, match=r"backbone.1.input_scale has shape \(10,\), expected \(64,\)"):
@@ -283,8 +273,8 @@ def _w8a8_reference(model: nn.Module, layers: dict, x: torch.Tensor, activations
 
 
 @pytest.mark.parametrize("cfg", SMOOTH, ids=[c.name for c in SMOOTH])
-def test_smoothquant_round_trips_as_w8a8(cfg, tmp_path):
-    model, layers, back, metadata, loaded = _calibrated_round_trip(cfg, tmp_path, "torch")
+def test_smoothquant_round_trips_as_w8a8(cfg, tmp_path, make_model):
+    model, layers, back, metadata, loaded = _calibrated_round_trip(make_model, cfg, tmp_path, "torch")
     assert json.loads(metadata["w8a8"]) == {name: cfg.activations for name in layers}
     assert json.loads(metadata["input_scales"]) == sorted(layers)
     for name, layer in layers.items():
@@ -300,11 +290,11 @@ def test_smoothquant_round_trips_as_w8a8(cfg, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_w8a8_cpu_auto_engines(tmp_path):
+def test_w8a8_cpu_auto_engines(tmp_path, make_model):
     """CPU ``auto``: both granularities run fbgemm's dynamic int8 Linear, close to the reference."""
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(6))
     for cfg in SMOOTH:
-        model, _, back, _, loaded = _calibrated_round_trip(cfg, tmp_path, "auto")
+        model, _, back, _, loaded = _calibrated_round_trip(make_model, cfg, tmp_path, "auto")
         engine = loaded.backbone[1].engine
         with torch.no_grad():
             want, got = _w8a8_reference(model, back, x, cfg.activations), loaded(x)
@@ -314,17 +304,17 @@ def test_w8a8_cpu_auto_engines(tmp_path):
         assert sqnr_db(fp32, got) >= 25, f"{cfg.name}: W8A8 vs fp32 max |diff| {(fp32 - got).abs().max().item():.3e}"
 
 
-def test_files_without_w8a8_metadata_load_weight_only(tmp_path):
+def test_files_without_w8a8_metadata_load_weight_only(tmp_path, make_model):
     cfg = CALIBRATED[4]  # awq8a: 8-bit with input scales, written before W8A8 existed
-    model, _, _, metadata, _ = _calibrated_round_trip(cfg, tmp_path, "auto")
+    model, _, _, metadata, _ = _calibrated_round_trip(make_model, cfg, tmp_path, "auto")
     state = load_tensors(tmp_path / f"{cfg.name}.safetensors")
     old = {k: v for k, v in metadata.items() if k != "w8a8"}
     loaded = load_quantized(copy.deepcopy(model), state, old)
     assert type(loaded.backbone[1]) is Int8Linear
 
 
-def test_bad_w8a8_metadata_raises_artifact_errors(tmp_path):
-    model, layers, _, metadata, _ = _calibrated_round_trip(SMOOTH[0], tmp_path, "auto")
+def test_bad_w8a8_metadata_raises_artifact_errors(tmp_path, make_model):
+    model, layers, _, metadata, _ = _calibrated_round_trip(make_model, SMOOTH[0], tmp_path, "auto")
     state = pack_layers(model, layers)
     for bad, match in (('{"nope": "per_token"}', "w8a8 names layers that are not packed"),
                        ('{"head": "per_channel"}', "'per_channel' is not one of per_token, per_tensor"),
@@ -365,8 +355,8 @@ SUB4 = [RtnConfig(name="w2c", bits=2), RtnConfig(name="w2g32a", bits=2, granular
         RtnConfig(name="w3c", bits=3), RtnConfig(name="w3c_a", bits=3, symmetric=False)]
 
 
-def _sub4_layers(cfg: RtnConfig, in_features: int = 96) -> tuple[nn.Module, dict]:
-    model = seeded(build_model(MLPConfig(hidden=[64]), (in_features,), 10), seed=7).eval()
+def _sub4_layers(make_model, cfg: RtnConfig, in_features: int = 96) -> tuple[nn.Module, dict]:
+    model = make_model(MLPConfig(hidden=[64]), (in_features,), 10, seed=7).eval()
     return model, get_method("rtn").quantize(model, None, cfg)
 
 
@@ -386,9 +376,9 @@ SUB4_SHAPES = [(c, k) for k in (96, 100) for c in SUB4 if c.granularity != "grou
 
 
 @pytest.mark.parametrize("cfg,in_features", SUB4_SHAPES, ids=[f"{c.name}-K{k}" for c, k in SUB4_SHAPES])
-def test_bitpacked_2_3_bit_artifact_forward_equals_the_pre_save_dequantized_model(cfg, in_features, tmp_path):
+def test_bitpacked_2_3_bit_artifact_forward_equals_the_pre_save_dequantized_model(cfg, in_features, tmp_path, make_model):
     """K = 100 is not a multiple of 8: rows end in zero padding."""
-    model, layers = _sub4_layers(cfg, in_features)
+    model, layers = _sub4_layers(make_model, cfg, in_features)
     state = pack_layers(model, layers)
     path = tmp_path / f"{cfg.name}.safetensors"
     save_packed(path, state, cfg)
@@ -409,11 +399,11 @@ def test_bitpacked_2_3_bit_artifact_forward_equals_the_pre_save_dequantized_mode
     assert sqnr_db(want, cpu) >= 35, f"max |diff| {(want - cpu).abs().max().item():.3e}"
 
 
-def test_2_and_3_bit_weights_take_a_quarter_and_three_eighths_of_int8_bytes(tmp_path):
+def test_2_and_3_bit_weights_take_a_quarter_and_three_eighths_of_int8_bytes(tmp_path, make_model):
     sizes, files = {}, {}
     for bits in (8, 3, 2):
         cfg = RtnConfig(name=f"w{bits}", bits=bits)
-        model, layers = _sub4_layers(cfg)
+        model, layers = _sub4_layers(make_model, cfg)
         state = pack_layers(model, layers)
         save_packed(tmp_path / f"{bits}.safetensors", state, cfg)
         sizes[bits] = {n: state[f"{n}.qweight"].numel() * state[f"{n}.qweight"].element_size() for n in layers}
@@ -424,10 +414,10 @@ def test_2_and_3_bit_weights_take_a_quarter_and_three_eighths_of_int8_bytes(tmp_
     assert files[8] > files[3] > files[2]
 
 
-def test_files_with_one_code_per_byte_still_load(tmp_path):
+def test_files_with_one_code_per_byte_still_load(tmp_path, make_model):
     """2/3-bit files written before bit packing (code_storage "one unsigned code per uint8 byte")."""
     for cfg in SUB4:
-        model, layers = _sub4_layers(cfg)
+        model, layers = _sub4_layers(make_model, cfg)
         new = pack_layers(model, layers)
         old = dict(new)
         for name, layer in layers.items():  # the old storage: the unsigned codes, one per byte (N, K)
