@@ -1,6 +1,5 @@
 """FlexRound (tasks/quantize/flexround.py): METHODS.md §5 `flexround` properties on synthetic and trained layers."""
 
-import copy
 
 import pytest
 import torch
@@ -45,16 +44,6 @@ def weight(seed: int, n: int = 24, k: int = 48) -> torch.Tensor:
 
 def mse(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float((x @ w_hat.t() - x @ w.t()).pow(2).mean())
-
-
-def with_weights(model: nn.Module, layers) -> nn.Module:
-    """A copy of ``model`` computing with each layer's effective (quantized) weight."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            m = out.get_submodule(name)
-            m.weight.copy_(layer.effective_weight().reshape(m.weight.shape))
-    return out
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
@@ -123,15 +112,15 @@ def test_final_mse_below_rtn_on_a_trained_layer(bits, arch, layer, request, digi
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("reconstruction", ["layer", "block"])
 @pytest.mark.parametrize("arch", ["trained_mlp", "trained_cnn"])
-def test_lower_layer_output_error_than_rtn(arch, reconstruction, bits, request, digits_split):
+def test_lower_layer_output_error_than_rtn(arch, reconstruction, bits, request, digits_split, dense_twin):
     """In the quantized model (each layer after the quantized ones before it), on the calibration set."""
     model = request.getfixturevalue(arch)
     calib = digits_split[0][:256]
     cfg = flexround((bits, "channel", True), steps=150, lr=3e-3, reconstruction=reconstruction)
     got = quantize_flexround(model, calib, cfg)
     names = list(quantizable(model, cfg))
-    e = layer_output_errors(model, with_weights(model, got), calib, names)
-    e_rtn = layer_output_errors(model, with_weights(model, quantize_rtn(model, None, cfg)), calib, names)
+    e = layer_output_errors(model, dense_twin(model, got), calib, names)
+    e_rtn = layer_output_errors(model, dense_twin(model, quantize_rtn(model, None, cfg)), calib, names)
     assert all(e[n] < e_rtn[n] for n in names), {n: (round(e[n], 4), round(e_rtn[n], 4)) for n in names}
 
 
@@ -165,14 +154,14 @@ def test_vit_blocks_are_units(small_vit):
     assert set(units) == {"backbone.embed", "backbone.blocks.0", "backbone.blocks.1", "head"}
 
 
-def test_block_mode_lowers_vit_block_error(small_vit, digits_split):
+def test_block_mode_lowers_vit_block_error(small_vit, digits_split, dense_twin):
     calib = digits_split[0][:128]
     cfg = flexround((4, "channel", True), steps=100, lr=3e-3, batch_size=32)
     got = quantize_flexround(small_vit, calib, cfg)
     assert set(got) == set(quantizable(small_vit, cfg))
     blocks = ["backbone.blocks.0", "backbone.blocks.1"]
-    e = layer_output_errors(small_vit, with_weights(small_vit, got), calib, blocks)
-    e_rtn = layer_output_errors(small_vit, with_weights(small_vit, quantize_rtn(small_vit, None, cfg)), calib, blocks)
+    e = layer_output_errors(small_vit, dense_twin(small_vit, got), calib, blocks)
+    e_rtn = layer_output_errors(small_vit, dense_twin(small_vit, quantize_rtn(small_vit, None, cfg)), calib, blocks)
     assert all(e[b] < e_rtn[b] for b in blocks), (e, e_rtn)
     # out_proj, which nn.MultiheadAttention reads by .weight, is learned in its block, not left at RTN
     rtn = quantize_rtn(small_vit, None, cfg)
@@ -205,7 +194,7 @@ class _Encoder(nn.Module):
         return h
 
 
-def test_block_mode_takes_keyword_calibration_with_padding():
+def test_block_mode_takes_keyword_calibration_with_padding(dense_twin):
     gen = torch.Generator().manual_seed(9)
     model = _Encoder().eval()
     with torch.no_grad():
@@ -219,7 +208,7 @@ def test_block_mode_takes_keyword_calibration_with_padding():
     assert set(got) == {f"layers.{i}.fc{j}" for i in (0, 1) for j in (1, 2)}
     with torch.no_grad():
         ref = model(**calib)
-        e, e_rtn = ((with_weights(model, q)(**calib) - ref).norm() / ref.norm()
+        e, e_rtn = ((dense_twin(model, q)(**calib) - ref).norm() / ref.norm()
                     for q in (got, quantize_rtn(model, None, cfg)))
     assert e < e_rtn, f"output error FlexRound {e:.4f} vs RTN {e_rtn:.4f}"
 

@@ -25,16 +25,6 @@ def cfg(**kw) -> QatConfig:
     return QatConfig(name="t", bits=kw.pop("bits", 3), **kw)
 
 
-def with_weights(model: torch.nn.Module, layers: dict) -> torch.nn.Module:
-    """A copy of ``model`` whose quantized layers hold their exported effective weights."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            m = out.get_submodule(name)
-            m.weight.copy_(layer.effective_weight().reshape(m.weight.shape))
-    return out
-
-
 def test_lsq_init_and_step_gradient_follow_the_paper():
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(4, 16, generator=gen) * 0.6).requires_grad_(True)
@@ -127,7 +117,7 @@ def test_oscillation_tracker_counts_a_constructed_sequence():
 
 
 @pytest.mark.parametrize("quantizer,granularity", [("ste", "channel"), ("lsq", "group"), ("ofq", "tensor")])
-def test_exported_layers_reproduce_the_fake_quant_forward(trained_cnn, digits_split, quantizer, granularity):
+def test_exported_layers_reproduce_the_fake_quant_forward(trained_cnn, digits_split, quantizer, granularity, dense_twin):
     x = digits_split[2][:200]
     work = copy.deepcopy(trained_cnn)
     config = cfg(bits=4, quantizer=quantizer, granularity=granularity, group_size=16)
@@ -146,7 +136,7 @@ def test_exported_layers_reproduce_the_fake_quant_forward(trained_cnn, digits_sp
         assert qw.zeros is None and torch.equal(qw.scales, qw.scales.half().float())  # stored exactly as float16
         assert qw.codes.min() >= -8 and qw.codes.max() <= 7
     with torch.no_grad():
-        exported = with_weights(trained_cnn, layers)(x)
+        exported = dense_twin(trained_cnn, layers)(x)
     assert (fake - exported).abs().max() <= 1e-5, f"max diff {(fake - exported).abs().max():.2e}"
 
 
@@ -160,12 +150,12 @@ def test_vit_attention_output_projection_trains_through_the_parametrization():
 
 
 @pytest.mark.parametrize("quantizer", ["ste", "lsq", "ofq"])
-def test_qat_at_4_bits_does_not_lose_to_rtn(trained_mlp, digits_split, quantizer):
+def test_qat_at_4_bits_does_not_lose_to_rtn(trained_mlp, digits_split, quantizer, dense_twin):
     xtr, ytr, xte, yte = digits_split
-    rtn = accuracy(with_weights(trained_mlp, quantize_rtn(trained_mlp, None, RtnConfig(name="r", bits=4))), xte, yte)
+    rtn = accuracy(dense_twin(trained_mlp, quantize_rtn(trained_mlp, None, RtnConfig(name="r", bits=4))), xte, yte)
     config = cfg(bits=4, quantizer=quantizer, training=FitConfig(epochs=3, lr=1e-3, batch_size=64, weight_decay=0))
     layers = quantize_qat(trained_mlp, (xtr, ytr), config)
-    qat = accuracy(with_weights(trained_mlp, layers), xte, yte)
+    qat = accuracy(dense_twin(trained_mlp, layers), xte, yte)
     assert qat >= rtn, f"{quantizer}: QAT {qat:.4f} vs RTN {rtn:.4f}"
     phases = [row["phase"] for row in layers.report]
     assert phases == ["qat"] * 3 + (["cga"] * 2 if quantizer == "ofq" else [])
