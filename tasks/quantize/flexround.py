@@ -51,7 +51,6 @@ X's rows. Minibatches are drawn from ``seed``'s generator, epoch by epoch withou
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -67,9 +66,10 @@ from tasks.quantize.layerwise import (
     QuantizedLayer,
     first_example,
     forward_order,
+    module_call,
     quantizable,
     quantize_in_order,
-    run_model,
+    weight_matrix,
 )
 from tasks.quantize.layerwise import (
     taps as columns_per_channel,
@@ -197,10 +197,6 @@ def _examples(x: Calibration) -> int:
     return len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
 
 
-def _matrix(module: nn.Module) -> Tensor:
-    return module.weight.detach().float().reshape(module.weight.shape[0], -1)  # (N, K)
-
-
 def _inside(layer: str, unit: str) -> bool:
     return layer == unit or layer.startswith(unit + ".")
 
@@ -217,28 +213,6 @@ def block_units(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.
     units = {b: model.get_submodule(b) for b in blocks if any(_inside(n, b) for n in layers)}
     units.update({n: m for n, m in layers.items() if not any(_inside(n, b) for b in units)})
     return units
-
-
-class _Stop(Exception):
-    """Raised by a capture hook: nothing after the captured unit needs to run."""
-
-
-@torch.no_grad()
-def unit_inputs(model: nn.Module, unit: nn.Module, x: Calibration) -> tuple[tuple, dict] | None:
-    """(args, kwargs) ``unit`` is called with when ``model`` runs ``x``, or None if it is never called."""
-    seen: list[tuple[tuple, dict]] = []
-
-    def capture(_m, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Stop
-
-    hook = unit.register_forward_pre_hook(capture, with_kwargs=True)
-    with contextlib.suppress(_Stop):
-        try:
-            run_model(model, x)
-        finally:
-            hook.remove()
-    return seen[0] if seen else None
 
 
 def _take(obj, idx: Tensor, n: int):
@@ -268,7 +242,7 @@ def flexround_unit(unit: nn.Module, members: dict[str, nn.Linear | nn.Conv2d], i
     n = len(target)
     if mask is not None and target.shape[:2] != mask.shape:
         mask = None  # an output that is not per token
-    quantizers = {rel: FlexRoundWeight(_matrix(m), cfg, columns_per_channel(m)) for rel, m in members.items()}
+    quantizers = {rel: FlexRoundWeight(weight_matrix(m), cfg, columns_per_channel(m)) for rel, m in members.items()}
 
     def loss(idx: Tensor) -> Tensor:
         weights = {f"{rel}.weight" if rel else "weight": q().reshape(members[rel].weight.shape)
@@ -293,8 +267,8 @@ def quantize_blocks(model: nn.Module, x: Calibration | None, cfg: FlexRoundConfi
     out: dict[str, QuantizedLayer] = {}
     for uname in forward_order(work, first_example(x), units):
         members = {name[len(uname) + 1:]: m for name, m in layers.items() if _inside(name, uname)}
-        inputs = unit_inputs(work, units[uname], x)
-        got = ({rel: QuantizedLayer(quantize_weight(_matrix(m), cfg)) for rel, m in members.items()} if inputs is None
+        inputs = module_call(work, units[uname], x)
+        got = ({rel: QuantizedLayer(quantize_weight(weight_matrix(m), cfg)) for rel, m in members.items()} if inputs is None
                else flexround_unit(units[uname], members, inputs, mask, cfg))
         with torch.no_grad():
             for rel, m in members.items():

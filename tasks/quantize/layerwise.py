@@ -142,10 +142,10 @@ def taps(module: nn.Linear | nn.Conv2d) -> int:
 def quantize_rtn(model: nn.Module, x: Tensor | None, cfg: GridConfig) -> dict[str, QuantizedLayer]:
     """The RTN method: every quantizable layer rounded to the grid (groups along cfg.group_axis);
     ``x`` is not needed."""
-    return {name: quantize_layer(_matrix(m), cfg) for name, m in quantizable(model, cfg).items()}
+    return {name: quantize_layer(weight_matrix(m), cfg) for name, m in quantizable(model, cfg).items()}
 
 
-def _matrix(module: nn.Module) -> Tensor:
+def weight_matrix(module: nn.Module) -> Tensor:
     return module.weight.detach().float().reshape(module.weight.shape[0], -1)  # (N, K)
 
 
@@ -185,28 +185,34 @@ def _unfoldable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Calibration) -> Tensor | None:
-    """X (M, K) of ``module`` when ``model`` runs ``x``, or None if it is never called as a module.
+def module_call(model: nn.Module, module: nn.Module, x: Calibration) -> tuple[tuple, dict] | None:
+    """The (args, kwargs) ``module`` is first called with when ``model`` runs ``x`` (the forward
+    stops there), or None if it is never called as a module."""
+    seen: list[tuple[tuple, dict]] = []
 
-    With an ``attention_mask`` (B, T) in ``x``, a Linear input (B, T, K) keeps only the rows of
-    real tokens (mask != 0)."""
-    if not _unfoldable(module):
-        return None
-    seen: list[Tensor] = []
-
-    def capture(_m, args):
-        seen.append(args[0].detach().float())
+    def capture(_m, args, kwargs):
+        seen.append((args, kwargs))
         raise _Stop
 
-    hook = module.register_forward_pre_hook(capture)
+    hook = module.register_forward_pre_hook(capture, with_kwargs=True)
     with contextlib.suppress(_Stop):
         try:
             run_model(model, x)
         finally:
             hook.remove()
-    if not seen:
+    return seen[0] if seen else None
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, module: nn.Linear | nn.Conv2d, x: Calibration) -> Tensor | None:
+    """X (M, K) of ``module`` when ``model`` runs ``x``, or None if it is never called as a module.
+
+    With an ``attention_mask`` (B, T) in ``x``, a Linear input (B, T, K) keeps only the rows of
+    real tokens (mask != 0)."""
+    call = module_call(model, module, x) if _unfoldable(module) else None
+    if call is None:
         return None
-    inp = seen[0]
+    inp = call[0][0].detach().float()
     if isinstance(module, nn.Conv2d):
         return _conv_columns(module, inp)
     mask = x.get("attention_mask") if isinstance(x, Mapping) else None
@@ -226,7 +232,7 @@ def quantize_in_order(model: nn.Module, x: Calibration | None, cfg: GridConfig,
     out: dict[str, QuantizedLayer] = {}
     for name in forward_order(work, first_example(x), layers):
         module = layers[name]
-        w, cols = _matrix(module), layer_inputs(work, module, x)
+        w, cols = weight_matrix(module), layer_inputs(work, module, x)
         out[name] = QuantizedLayer(quantize_weight(w, cfg)) if cols is None else method(w, cols, taps(module), cfg)
         with torch.no_grad():
             module.weight.copy_(out[name].effective_weight().reshape(module.weight.shape))

@@ -29,7 +29,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from tasks.quantize.layerwise import LowRank, QuantizedLayer
+from kernels.w8a8 import quantize_activations
+from tasks.quantize.layerwise import LowRank, QuantizedLayer, weight_matrix
 from tasks.quantize.rtn import GridConfig
 
 
@@ -41,18 +42,12 @@ def lorc_factors(e: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float()
 
 
-def int8_rows(f: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 codes (R, C) and float32 scales (R,) of f, one scale per row (max|row| / 127)."""
-    s = f.abs().amax(dim=1) / 127
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(f / s[:, None]).clamp(-127, 127).to(torch.int8), s.float()
-
-
 def low_rank(u: Tensor, v: Tensor, bits: int) -> LowRank:
     """The factors rounded to their storage: float16 values (bits 16) or int8 codes × row scales (8)."""
     if bits == 16:
         return LowRank(u.half().float(), v.half().float())
-    (qu, su), (qv, sv) = int8_rows(u), int8_rows(v)
+    # symmetric int8 with one scale per row, max|row| / 127: the per-token activation quantizer's grid
+    (qu, su), (qv, sv) = quantize_activations(u, "per_token"), quantize_activations(v, "per_token")
     return LowRank(qu.float() * su[:, None], qv.float() * sv[:, None], su, sv)
 
 
@@ -71,8 +66,7 @@ def apply_lorc(model: nn.Module, layers: dict[str, QuantizedLayer], cfg: GridCon
         return layers
     out = {}
     for name, layer in layers.items():
-        weight = model.get_submodule(name).weight
-        out[name] = compensate(weight.reshape(weight.shape[0], -1), layer, cfg.lorc_rank, cfg.lorc_bits)
+        out[name] = compensate(weight_matrix(model.get_submodule(name)), layer, cfg.lorc_rank, cfg.lorc_bits)
     return out
 
 
