@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.evaluate.config import EvaluateConfig
 from tasks.finetune.config import FinetuneConfig
 from tasks.ingest.config import IngestConfig
-from tasks.merge.task_arithmetic import TaskArithmeticConfig
+from tasks.merge.task_arithmetic import TaskVectorConfig
 from tasks.prune import METHODS as PRUNE_METHODS
 from tasks.prune import PruneConfig
 from tasks.prune.magnitude import MagnitudeConfig
@@ -38,7 +38,7 @@ class Params(BaseModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     prune: PruneConfig = Field(default_factory=MagnitudeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
-    merge: TaskArithmeticConfig = Field(default_factory=TaskArithmeticConfig)
+    merge: TaskVectorConfig = Field(default_factory=TaskVectorConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 

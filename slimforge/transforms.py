@@ -1,11 +1,17 @@
-"""Input transforms that define the fine-tuning tasks (rotated, flipped, inverted digits).
+"""Input transforms that define the fine-tuning tasks (rotated, flipped, inverted, corrupted digits).
 
 Each maps a batch (B, C, H, W) or (B, L) to a batch of the same shape; labels stay.
-They are deterministic so a task's data is the same in every stage that builds it.
+They are deterministic so a task's data is the same in every stage that builds it: ``noise``
+draws from a generator seeded by the batch's shape and content, so the same inputs always
+get the same noise.
 """
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,6 +25,12 @@ def rotate180(x: Tensor) -> Tensor:
     if x.dim() != 4:
         raise ValueError("transform 'rotate180' needs image data (N, C, H, W)")
     return x.rot90(2, dims=(2, 3))
+
+
+def rotate270(x: Tensor) -> Tensor:
+    if x.dim() != 4:
+        raise ValueError("transform 'rotate270' needs image data (N, C, H, W)")
+    return x.rot90(3, dims=(2, 3))
 
 
 def hflip(x: Tensor) -> Tensor:
@@ -37,7 +49,28 @@ def invert(x: Tensor) -> Tensor:
     return hi + lo - x
 
 
-TRANSFORMS = {"rotate90": rotate90, "rotate180": rotate180, "hflip": hflip, "vflip": vflip, "invert": invert}
+def blur(x: Tensor) -> Tensor:
+    """3×3 box blur (a corruption), edges padded by replication; 1-D data gets a 3-tap blur."""
+    if x.dim() == 4:
+        return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return F.avg_pool1d(F.pad(x.unsqueeze(1), (1, 1), mode="replicate"), 3, stride=1).squeeze(1)
+
+
+def noise(x: Tensor) -> Tensor:
+    """Additive Gaussian noise (a corruption), std 0.5 of the data's std, seeded by the data itself."""
+    digest = hashlib.sha256(x.detach().contiguous().cpu().numpy().tobytes()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return x + 0.5 * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+def contrast(x: Tensor) -> Tensor:
+    """Contrast reduced to 30% around the data's mean (a corruption)."""
+    mean = x.mean()
+    return mean + 0.3 * (x - mean)
+
+
+TRANSFORMS = {"rotate90": rotate90, "rotate180": rotate180, "rotate270": rotate270, "hflip": hflip,
+              "vflip": vflip, "invert": invert, "blur": blur, "noise": noise, "contrast": contrast}
 
 
 def apply_transform(name: str, x: Tensor) -> Tensor:

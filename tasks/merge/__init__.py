@@ -1,5 +1,5 @@
-"""merge: combine the task models (task arithmetic, lambda chosen on validation data)."""
+"""merge: combine the task models (task arithmetic, TIES, DARE; lambda chosen on validation data)."""
 
-from tasks.merge.task_arithmetic import TaskArithmeticConfig, merge_task_vectors, task_vectors
+from tasks.merge.task_arithmetic import TaskVectorConfig, merge_task_vectors, task_vectors
 
-__all__ = ["TaskArithmeticConfig", "merge_task_vectors", "task_vectors"]
+__all__ = ["TaskVectorConfig", "merge_task_vectors", "task_vectors"]
