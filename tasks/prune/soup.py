@@ -24,8 +24,8 @@ Reconstructed or left out:
   their weight decay differs.
 - Each retraining runs the whole ``training`` schedule with a fresh optimizer, pruned weights
   and their optimizer state held at 0 (``slimforge.training.MaskHold``, as in ``imp``).
-- The average is written θ₁ + mean_i(θ_i − θ₁), equal to mean_i θ_i in exact arithmetic, so a
-  soup of identical ingredients is that model bit for bit.
+- The average is ``slimforge.averaging.average_states``, θ₁ + mean_i(θ_i − θ₁), equal to
+  mean_i θ_i in exact arithmetic, so a soup of identical ingredients is that model bit for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from slimforge.averaging import average_states
 from slimforge.training import FitConfig, accuracy
 from tasks.prune.common import PruneBase, PruneContext, Pruned, RecoveryParams, prunable
 from tasks.prune.imp import formula_sparsity, masked_trainer, prune_remaining
@@ -100,16 +101,14 @@ def ingredient_seeds(cfg: SparseSoupConfig) -> list[list[int]]:
 def average_sparse(states: list[dict[str, Tensor]], masks: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Uniform average of state dicts that share one sparsity mask; masked entries are exactly 0.
 
-    ``masks[i]`` is ingredient i's name -> bool keep-mask. Refuses ingredients whose masks or
-    state-dict entries differ: averaging differing masks would lose sparsity. Float entries are
-    averaged as θ₁ + mean(θ_i − θ₁); other entries (integer buffers) are taken from the first.
+    ``masks[i]`` is ingredient i's name -> bool keep-mask. Refuses ingredients whose masks differ
+    (averaging differing masks would lose sparsity) and, through ``average_states``, ingredients
+    whose tensors differ in names or shapes. The average itself is ``average_states``.
     """
     if len(states) != len(masks) or not states:
         raise ValueError(f"sparse soup: need one mask per ingredient, got {len(states)} states and {len(masks)} masks")
     ref, ref_masks = states[0], masks[0]
-    for i, (state, mask) in enumerate(zip(states, masks, strict=True)):
-        if state.keys() != ref.keys() or any(state[k].shape != ref[k].shape for k in ref):
-            raise ValueError(f"sparse soup: ingredient {i}'s parameters differ from ingredient 0's in names or shapes")
+    for i, mask in enumerate(masks):
         if mask.keys() != ref_masks.keys():
             raise ValueError(f"sparse soup: ingredient {i} masks {sorted(mask)}, ingredient 0 masks {sorted(ref_masks)}")
         differing = [n for n in mask if not torch.equal(mask[n], ref_masks[n])]
@@ -119,14 +118,9 @@ def average_sparse(states: list[dict[str, Tensor]], masks: list[dict[str, Tensor
     unknown = set(ref_masks) - set(ref)
     if unknown:
         raise ValueError(f"sparse soup: masks name tensors the models lack: {sorted(unknown)}")
-    out = {}
-    for name, first in ref.items():
-        if not first.is_floating_point():
-            out[name] = first.clone()
-            continue
-        out[name] = first + sum(s[name] - first for s in states) / len(states)
-        if name in ref_masks:
-            out[name].masked_fill_(~ref_masks[name], 0.0)
+    out = average_states(states)
+    for name, keep in ref_masks.items():
+        out[name].masked_fill_(~keep, 0.0)
     return out
 
 

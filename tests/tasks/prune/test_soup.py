@@ -82,6 +82,14 @@ def test_differing_masks_are_refused():
         average_sparse(states, [masks, {k: v for k, v in masks.items() if k != "head.weight"}])
 
 
+def test_ingredients_of_differing_layout_are_refused_naming_the_tensor():
+    masks = _masks()
+    states = _masked_states(masks, 2, seed=4)
+    states[1]["head.bias"] = torch.zeros(11)
+    with pytest.raises(ValueError, match="'head.bias'"):
+        average_sparse(states, [masks] * 2)
+
+
 def test_config_checks_the_weight_decays():
     assert SparseSoupConfig(vary="weight_decay", ingredients=2, weight_decays=[0.0, 1e-3]).weight_decays == [0.0, 1e-3]
     with pytest.raises(ValueError, match="prune.weight_decays"):
