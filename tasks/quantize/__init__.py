@@ -7,7 +7,8 @@ QuantizedLayer}); a method registered with ``data="train"`` (QAT) gets the label
 (x, y) in place of x. Two grid options apply on top of a method: ``lorc_rank`` (``lorc.py``, after
 any PTQ method) and ``group_axis`` (``adadim.py``). ``packed.py`` stores any method's result in
 one packed format and loads it; ``execution.py`` holds the modules that run it with the real
-low-bit kernels. A variant that names no method is an RTN one.
+low-bit kernels. A variant that names no method is an RTN one. Every PTQ method quantizes each
+attention's stacked q/k/v in-projection as the layer ``<attn>.in_proj`` (``attention.py``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,12 @@ Where 1/s goes: the reference folds it into the previous LayerNorm or Linear. Th
 quantizes layers in order, so the previous layer is already quantized; instead the layer keeps
 ``input_scale`` = 1/s (per input feature of a Linear, per input channel of a Conv2d, where s_x
 averages |x| over the channel's kh·kw taps, padding included) and multiplies its input by it:
-the loaded model computes exactly Q(W·diag(s))·(x/s).
+the loaded model computes exactly Q(W·diag(s))·(x/s). An attention's stacked q/k/v
+in-projection (``<attn>.in_proj``, ``attention.py``) is one layer here, so q, k and v share one s
+(from the attention's input, as the reference's block-level search does). Its previous op is the
+ViT block's LayerNorm norm1, into whose affine 1/s would fold exactly (METHODS.md "Scale
+folding"); it is not folded either: the in-projection keeps ``input_scale`` like every other
+layer, so every layer's input scaling is stored one way and LoRC's V̂ stays on the unscaled input.
 """
 
 from __future__ import annotations

@@ -15,10 +15,15 @@ once at load time by ``execution_module``:
   torch's int4pack CPU op, weights converted once here, when ``supports_int4_cpu``.
 - CUDA, or an explicit ``kernel="torch"|"triton"``, 2/3/4-bit: ``W4A16Linear`` ->
   ``kernels.w4a16_matmul``.
-- Anything else (8-bit groups, shapes the kernels reject, conv layers, Linear layers that
-  other modules read ``.weight`` from such as MultiheadAttention's out_proj) gets None here
-  and is dequantized once at load into the original module's dense weight (for a ``w8a8``
-  layer this drops the activation quantization: it runs as a weight-only layer).
+- Anything else (8-bit groups, shapes the kernels reject, conv layers, and MultiheadAttention's
+  out_proj where the in-projection was not quantized: its fused forward reads ``.weight``) gets
+  None here and is dequantized once at load into the original module's dense weight (for a
+  ``w8a8`` layer this drops the activation quantization: it runs as a weight-only layer).
+
+An attention whose in-projection ``<attn>.in_proj`` was quantized is loaded as its
+``attention.QkvAttention``: ``in_proj`` (the stacked W_q, W_k, W_v, (3·inner, width)) and
+``out_proj`` are plain Linear layers there, so both become one of the modules above; a
+self-attention call runs one low-bit matmul of the stacked weight and chunks it into q, k, v.
 
 A packed module multiplies its input by ``input_scale`` before the low-bit matmul; a layer
 dequantized at load gets it folded into its dense weight's columns (ŵ·diag(input_scale)).

@@ -37,7 +37,9 @@ Reconstruction units (``reconstruction``):
   it; a conv's unfolded patches) is the target of the quantized weight's on the same X.
 - ``block`` (the paper's setting, after BRECQ): the elements of every nn.ModuleList (MiniLM's
   encoder layers), and of every nn.Sequential whose elements are all of one class (the ViT's
-  ``blocks``), are blocks; a quantizable layer outside any block is a unit alone. Units go in
+  ``blocks``), are blocks; a quantizable layer outside any block is a unit alone. A ViT block's
+  attention in-projection (``<attn>.in_proj``, ``attention.py``) is learned jointly with its
+  out_proj and MLP layers. Units go in
   forward order; a unit's input is captured from the model whose earlier units are already
   quantized, the float unit's output on that input is the target, and all its quantizable
   layers are learned jointly. (The reference feeds the quantized block its quantized input
@@ -51,7 +53,6 @@ X's rows. Minibatches are drawn from ``seed``'s generator, epoch by epoch withou
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
@@ -70,6 +71,7 @@ from tasks.quantize.layerwise import (
     quantizable,
     quantize_in_order,
     weight_matrix,
+    working_copy,
 )
 from tasks.quantize.layerwise import (
     taps as columns_per_channel,
@@ -260,7 +262,7 @@ def quantize_blocks(model: nn.Module, x: Calibration | None, cfg: FlexRoundConfi
     before it. A unit never called as a module gets RTN. ``model`` is not modified."""
     if x is None:
         raise ValueError(f"quantize.variants: {cfg.name!r} (method {cfg.method}) needs calibration inputs")
-    work = copy.deepcopy(model).float().eval().requires_grad_(False)
+    work = working_copy(model).float().requires_grad_(False)  # in-projections as Linear layers
     layers = quantizable(work, cfg)
     units = block_units(work, layers)
     mask = x.get("attention_mask") if isinstance(x, Mapping) else None

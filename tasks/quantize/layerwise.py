@@ -23,10 +23,14 @@ input (B, T, K) contributes only those rows to X, so padding never enters GPTQ's
 SmoothQuant's channel statistics, and sentences of any length calibrate together as they are
 encoded (cutting them to one length instead would drop each sentence's tail and [SEP]).
 
-A layer the calibration forward never calls as a module (nn.MultiheadAttention's out_proj,
-which the fused attention reads by ``.weight``) or whose input patches unfold cannot
-reproduce (grouped or non-zero-padded convs) gets no X and is quantized by RTN.
-RTN itself (``quantize_rtn``) needs no calibration.
+The model every method works on is ``working_copy``'s: each attention split (``attention.py``)
+so that its stacked q/k/v in-projection is one more Linear layer, ``<attn>.in_proj`` (weight
+in_proj_weight (3·inner, width), input X the attention's query input), and its out_proj is
+called as a module (nn.MultiheadAttention's fused forward reads ``out_proj.weight`` instead).
+Layer names are the working copy's; ``layer_weight`` reads a layer's float weight by that name
+from either model. A layer the calibration forward never calls as a module, or whose input
+patches unfold cannot reproduce (grouped or non-zero-padded convs), gets no X and is quantized
+by RTN. RTN itself (``quantize_rtn``) needs no calibration.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.quantize.attention import in_proj_owners, split_attentions, weight_key
 from tasks.quantize.rtn import GridConfig, QuantizedWeight, dequantize, quantize_weight
 
 
@@ -139,14 +144,28 @@ def taps(module: nn.Linear | nn.Conv2d) -> int:
     return module.weight[0].numel() // (module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
 
 
+def working_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every attention split (``attention.split_attentions``): the
+    model the methods quantize, where each in-projection is the Linear layer ``<attn>.in_proj``."""
+    work = copy.deepcopy(model).eval()
+    split_attentions(work)
+    return work
+
+
 def quantize_rtn(model: nn.Module, x: Tensor | None, cfg: GridConfig) -> dict[str, QuantizedLayer]:
-    """The RTN method: every quantizable layer rounded to the grid (groups along cfg.group_axis);
-    ``x`` is not needed."""
-    return {name: quantize_layer(weight_matrix(m), cfg) for name, m in quantizable(model, cfg).items()}
+    """The RTN method: every quantizable layer (in-projections included) rounded to the grid
+    (groups along cfg.group_axis); ``x`` is not needed."""
+    return {name: quantize_layer(weight_matrix(m), cfg) for name, m in quantizable(working_copy(model), cfg).items()}
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
     return module.weight.detach().float().reshape(module.weight.shape[0], -1)  # (N, K)
+
+
+def layer_weight(model: nn.Module, name: str) -> Tensor:
+    """The float weight (N, K) of layer ``name`` (a working-copy name) of ``model``, split or not."""
+    w = model.get_parameter(weight_key(model, name)).detach().float()
+    return w.reshape(w.shape[0], -1)
 
 
 class _Stop(Exception):
@@ -227,7 +246,7 @@ def quantize_in_order(model: nn.Module, x: Calibration | None, cfg: GridConfig,
     each on inputs from the already quantized layers before it. ``model`` is not modified."""
     if x is None:
         raise ValueError(f"quantize.variants: {cfg.name!r} (method {cfg.method}) needs calibration inputs")
-    work = copy.deepcopy(model).eval()
+    work = working_copy(model)
     layers = quantizable(work, cfg)
     out: dict[str, QuantizedLayer] = {}
     for name in forward_order(work, first_example(x), layers):
@@ -241,7 +260,10 @@ def quantize_in_order(model: nn.Module, x: Calibration | None, cfg: GridConfig,
 
 @torch.no_grad()
 def layer_outputs(model: nn.Module, x: Calibration, names: list[str]) -> dict[str, Tensor]:
-    """The output of each named layer when ``model`` runs ``x``; layers not called as modules are left out."""
+    """The output of each named layer when ``model`` runs ``x``; layers not called as modules are left out.
+    Names of in-projections of attentions ``model`` holds unsplit are read from its working copy."""
+    if in_proj_owners(model, names):
+        model = working_copy(model)
     outputs: dict[str, Tensor] = {}
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda _m, _a, y, n=name: outputs.setdefault(n, y.detach().float())) for name in names]

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.w8a8 import quantize_activations
-from tasks.quantize.layerwise import LowRank, QuantizedLayer, weight_matrix
+from tasks.quantize.layerwise import LowRank, QuantizedLayer, layer_weight
 from tasks.quantize.rtn import GridConfig
 
 
@@ -66,7 +66,7 @@ def apply_lorc(model: nn.Module, layers: dict[str, QuantizedLayer], cfg: GridCon
         return layers
     out = {}
     for name, layer in layers.items():
-        out[name] = compensate(weight_matrix(model.get_submodule(name)), layer, cfg.lorc_rank, cfg.lorc_bits)
+        out[name] = compensate(layer_weight(model, name), layer, cfg.lorc_rank, cfg.lorc_bits)
     return out
 
 

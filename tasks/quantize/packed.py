@@ -1,8 +1,10 @@
 """Packed storage of quantized models (every PTQ method, and W8A8), and loading them back.
 
 Storage (``quantize_model``, ``pack_layers``): every nn.Linear and nn.Conv2d weight, viewed as
-(N, K) = (out, in·kh·kw), whose K fits the granularity (group_size divides K; for 4-bit also K
-even) is quantized by the variant's method and replaced in the safetensors state by
+(N, K) = (out, in·kh·kw), and every attention's stacked q/k/v ``in_proj_weight`` (3·inner, width),
+the layer ``<attn>.in_proj`` (``attention.py``), whose K fits the granularity (group_size divides
+K; for 4-bit also K even) is quantized by the variant's method and replaced in the safetensors
+state (``<name>.weight``, or ``<attn>.in_proj_weight``) by
 
 - ``<name>.qweight``: 8-bit: the codes, int8 if symmetric, uint8 if asymmetric.
   4-bit: unsigned codes packed two per byte along K by ``kernels.int4.pack_int4``
@@ -34,13 +36,17 @@ marks layers whose *activations* are quantized too, mapping each such layer to i
 activation granularity, ``per_token`` or ``per_tensor`` (SmoothQuant variants mark every
 packed layer). Their weights are 8-bit symmetric with one scale per output channel or tensor.
 
+An in-projection's tensors are ``<attn>.in_proj.qweight`` (3·inner rows: W_q, W_k, W_v),
+``<attn>.in_proj.scales`` and so on, as above; its bias stays ``<attn>.in_proj_bias``.
 Everything else (biases, norms, layers that do not fit) stays float32 under its own name.
 Files from before LoRC and group axes lack those keys and read as having none.
 
 Loading (``load_quantized``) checks every stored tensor against the model, then hands each
 layer to ``execution.execution_module``, which picks the real low-bit module that runs it
 (documented there); a layer it declines is dequantized once at load into the original
-module's dense weight (LoRC's ÛV̂ folded in). Output-axis layers are always dequantized at load:
+module's dense weight (LoRC's ÛV̂ folded in). An attention whose in-projection is packed is
+replaced by its ``QkvAttention`` first, so ``<attn>.in_proj`` (and its out_proj) are Linear
+modules there and run packed like any other. Output-axis layers are always dequantized at load:
 the CPU int8/int4 kernels and ``kernels.w4a16_matmul`` need groups along K, so such a layer
 saves bytes on disk, not time.
 """
@@ -60,6 +66,7 @@ import kernels
 from kernels.bitpack import pack_bits, packed_width, unpack_bits
 from kernels.int4 import pack_int4, unpack_int4
 from slimforge.artifacts import WEIGHTS, ArtifactError, load_tensors, save_tensors
+from tasks.quantize.attention import in_proj_owners, split_attentions, weight_key
 from tasks.quantize.execution import execution_module
 from tasks.quantize.layerwise import QuantizedLayer
 from tasks.quantize.lorc import apply_lorc, read_low_rank, store_low_rank
@@ -99,7 +106,7 @@ def pack_layers(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str
              for k, v in (model.state_dict() | extra).items()}
     for name, layer in layers.items():
         qw = layer.weight
-        del state[f"{name}.weight"]
+        del state[weight_key(model, name)]  # (N, K) float: <name>.weight or <attn>.in_proj_weight
         state[f"{name}.qweight"] = _store_codes(qw).contiguous()
         state[f"{name}.scales"] = qw.scales.to(torch.float16).contiguous()  # (N, K/g)
         if qw.zeros is not None:
@@ -257,8 +264,9 @@ def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -
         missing, unexpected = model.load_state_dict(rest, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ArtifactError(f"quantized weights do not match the model: {e}") from None
-    if unexpected or set(missing) != {f"{n}.weight" for n in names}:
-        extra = sorted(set(missing) - {f"{n}.weight" for n in names})
+    weights = {weight_key(model, n) for n in names}  # <name>.weight, or <attn>.in_proj_weight
+    if unexpected or set(missing) != weights:
+        extra = sorted(set(missing) - weights)
         raise ArtifactError(f"quantized weights do not match the model: missing {extra[:5]}, "
                             f"unexpected {sorted(unexpected)[:5]}")
 
@@ -266,6 +274,10 @@ def _load_rest(model: nn.Module, tensors: dict[str, Tensor], names: list[str]) -
 def read_layers(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, QuantizedLayer]:
     """The QuantizedLayer of every packed layer in ``tensors``, checked against ``model``'s shapes."""
     layout = _read_layout(metadata)
+    owners = in_proj_owners(model, layout.names)
+    if owners:  # packed in-projections are Linear modules of the split attentions
+        model = copy.deepcopy(model)
+        split_attentions(model, owners)
     try:
         modules = {name: model.get_submodule(name) for name in layout.names}
     except AttributeError as e:
@@ -290,6 +302,7 @@ def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[
     w8a8 = _read_layout(metadata).w8a8
     _load_rest(copy.deepcopy(model), tensors, list(layers))  # validate everything before touching the model
     _load_rest(model, tensors, list(layers))
+    split_attentions(model, in_proj_owners(model, layers))
     for name, layer in layers.items():
         module = model.get_submodule(name)
         packed = (execution_module(layer, module.bias, device, kernel, w8a8.get(name))

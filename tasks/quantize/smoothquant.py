@@ -29,6 +29,10 @@ own s and stores ``input_scale`` = 1/s (as AWQ does, ``packed.py``), multiplying
 by it before the int8 activation quantizer. A Conv2d gets one s per input channel (maxima
 over its kh·kw taps). Layers are calibrated in order on inputs from the already quantized
 layers (weights only: the working copy does not simulate earlier layers' int8 activations).
+An attention's stacked q/k/v in-projection (``<attn>.in_proj``, ``attention.py``) is one layer,
+so q, k and v share one s as in the reference; diag(s)⁻¹ would fold exactly into the ViT block's
+norm1 affine (METHODS.md "Scale folding") but, as for every layer here, it stays the layer's
+``input_scale`` (nothing is folded).
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ from tasks.quantize.layerwise import (
     forward_order,
     layer_inputs,
     layer_output_errors,
+    layer_weight,
     quantizable,
     quantize_in_order,
     quantize_rtn,
+    working_copy,
 )
 from tasks.quantize.rtn import RtnConfig, dequantize, quantize_weight
 
@@ -78,14 +80,18 @@ def test_forward_order_is_call_order():
     assert forward_order(net, torch.randn(1, 8), quantizable(net, RtnConfig(name="r", bits=8))) == ["early", "late"]
 
 
-def test_attention_out_proj_falls_back_to_rtn():
-    """nn.MultiheadAttention reads out_proj.weight directly: no hook fires, RTN quantizes it."""
+def test_attention_projections_are_calibrated_layers():
+    """In the working copy nn.MultiheadAttention's in-projection and out_proj are Linear modules the
+    calibration forward calls, so GPTQ gets their inputs (and not RTN's codes) and quantizes both."""
     vit = build_model(ViTConfig(patch=4, width=32, depth=1, heads=2, mlp=64), (1, 8, 8), 10).eval()
     cfg = GptqConfig(name="g", method="gptq", bits=4, granularity="group", group_size=16)
-    layers = quantize_gptq(vit, torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2)), cfg)
-    name = "backbone.blocks.0.attn.out_proj"
-    assert torch.equal(layers[name].weight.codes, quantize_weight(vit.get_submodule(name).weight.detach(), cfg).codes)
-    assert set(layers) == set(quantizable(vit, cfg))
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    layers = quantize_gptq(vit, x, cfg)
+    work = working_copy(vit)
+    assert set(layers) == set(quantizable(work, cfg)) >= {"backbone.blocks.0.attn.in_proj", "backbone.blocks.0.attn.out_proj"}
+    for name in ("backbone.blocks.0.attn.in_proj", "backbone.blocks.0.attn.out_proj"):
+        assert layer_inputs(work, work.get_submodule(name), x).shape == (16 * 4, 32)  # 4 tokens per image
+        assert not torch.equal(layers[name].weight.codes, quantize_weight(layer_weight(vit, name), cfg).codes), name
 
 
 def test_layer_output_errors_are_relative_and_zero_for_the_same_model():
