@@ -17,7 +17,7 @@ accuracy; MiniLM: ``embedding_agreement`` with fp32: cosine mean/min, 10-NN over
 Spearman), bytes on disk of the packed file vs the fp32 safetensors, CPU latency (median of
 ``--repeats``) at batch 1 and 256 (MiniLM: ``encode`` of 1 and of 256 sentences), quantize
 wall time, how many layers were packed and which module runs each (a packed kernel, or
-``dense``: dequantized at load, e.g. convs, MultiheadAttention's out_proj, 8-bit groups,
+``dense``: dequantized at load, e.g. convs, 8-bit groups,
 per-channel sub-8-bit weights whose K is no int4 group size). The fp32 base is timed again
 right before each variant and the speedup is the ratio of that pair, so other load on a
 shared machine hits both sides. Rows go to ``<out>/quantize.csv`` as they finish
@@ -51,6 +51,7 @@ from torch import nn
 from benchmarks.prune import ARCHS, SHAPE, train_base
 from benchmarks.select import load_mnist5k
 from slimforge.artifacts import WEIGHTS, save_tensors
+from slimforge.models import ATTENTION
 from slimforge.training import accuracy, progress_bar
 from tasks.evaluate.harness import latency_ms
 from tasks.quantize import METHODS, get_method, load_packed_artifact, quantize_model, save_packed
@@ -159,7 +160,7 @@ def variant_row(bench: Bench, method: str, bits: int, granularity: str, batches)
         save_packed(Path(d) / WEIGHTS, tensors, cfg)
         size = (Path(d) / WEIGHTS).stat().st_size
         loaded = load_packed_artifact(d, bench.fresh())  # what a user of the artifact runs
-    layers = [n for n, m in bench.base.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [n for n, m in bench.base.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, *ATTENTION))]
     return {"model": bench.model, "seed": bench.seed, "method": method, "bits": bits, "granularity": granularity,
             "group_size": GROUP[bench.model] if granularity == "group" else None, "bytes": size,
             "quantize_s": round(seconds, 2), "packed_layers": f"{len(packed)}/{len(layers)}",
