@@ -158,8 +158,14 @@ def write_meta(directory: Path, *, root: Path, stage: str, method: str, config: 
 
 
 def _parent(root: Path, path: Path) -> dict:
-    rel = Path(path).resolve().relative_to(Path(root).resolve())
-    return {"path": rel.as_posix(), "sha256": content_hash(path)}
+    """A parent inside the workspace by its relative path; one outside (a user's checkpoint) by
+    its absolute path."""
+    resolved = Path(path).resolve()
+    try:
+        shown = resolved.relative_to(Path(root).resolve())
+    except ValueError:
+        shown = resolved
+    return {"path": shown.as_posix(), "sha256": content_hash(path)}
 
 
 def read_meta(directory: Path) -> dict:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.evaluate.config import EvaluateConfig
 from tasks.finetune.config import FinetuneConfig
 from tasks.ingest.config import IngestConfig
-from tasks.merge.task_arithmetic import TaskVectorConfig
+from tasks.merge.config import MERGE_METHODS, MergeConfig, TaskVectorMerge
 from tasks.prune import METHODS as PRUNE_METHODS
 from tasks.prune import PruneConfig
 from tasks.prune.magnitude import MagnitudeConfig
@@ -38,7 +38,7 @@ class Params(BaseModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     prune: PruneConfig = Field(default_factory=MagnitudeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
-    merge: TaskVectorConfig = Field(default_factory=TaskVectorConfig)
+    merge: MergeConfig = Field(default_factory=TaskVectorMerge)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
@@ -58,7 +58,7 @@ def _format(source: str, err: ValidationError) -> str:
 
 # Discriminated unions add the tag to the error location (select.random.keep_fraction);
 # drop it so the path is the one the user wrote (select.keep_fraction).
-_UNION_TAGS = {*SELECT_METHODS, *PRUNE_METHODS, *QUANTIZE_METHODS, "mlp", "cnn", "vit", *INIT_SCHEMES}
+_UNION_TAGS = {*SELECT_METHODS, *PRUNE_METHODS, *QUANTIZE_METHODS, *MERGE_METHODS, "mlp", "cnn", "vit", *INIT_SCHEMES}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,6 +1,9 @@
-"""Input transforms that define the fine-tuning tasks (rotated, flipped, inverted, corrupted digits).
+"""What defines a fine-tuning task: an input transform (rotated, flipped, inverted, corrupted
+digits) and a relabelling (parity, residue mod 3, digit ≥ 5, prime digit), either or both.
 
-Each maps a batch (B, C, H, W) or (B, L) to a batch of the same shape; labels stay.
+A transform maps a batch (B, C, H, W) or (B, L) to a batch of the same shape; a relabelling maps
+class indices (B,) to the task's class indices, fewer than the base's, so the task's head (as
+wide as the base's) leaves the rest unused.
 They are deterministic so a task's data is the same in every stage that builds it: ``noise``
 draws from a generator seeded by the batch's shape and content, so the same inputs always
 get the same noise.
@@ -69,7 +72,11 @@ def contrast(x: Tensor) -> Tensor:
     return mean + 0.3 * (x - mean)
 
 
-TRANSFORMS = {"rotate90": rotate90, "rotate180": rotate180, "rotate270": rotate270, "hflip": hflip,
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+TRANSFORMS = {"identity": identity, "rotate90": rotate90, "rotate180": rotate180, "rotate270": rotate270, "hflip": hflip,
               "vflip": vflip, "invert": invert, "blur": blur, "noise": noise, "contrast": contrast}
 
 
@@ -77,3 +84,23 @@ def apply_transform(name: str, x: Tensor) -> Tensor:
     if name not in TRANSFORMS:
         raise ValueError(f"finetune.tasks: transform {name!r} is not one of {', '.join(TRANSFORMS)}")
     return TRANSFORMS[name](x)
+
+
+RELABELS = {
+    "identity": lambda y: y,
+    "parity": lambda y: y % 2,  # even / odd
+    "mod3": lambda y: y % 3,
+    "high": lambda y: (y >= 5).long(),  # digit ≥ 5
+    "prime": lambda y: torch.isin(y, torch.tensor([2, 3, 5, 7])).long(),
+}
+
+
+def apply_relabel(name: str, y: Tensor) -> Tensor:
+    if name not in RELABELS:
+        raise ValueError(f"finetune.tasks: relabel {name!r} is not one of {', '.join(RELABELS)}")
+    return RELABELS[name](y)
+
+
+def task_data(transform: str, relabel: str, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """A task's (inputs, labels) made from the dataset's."""
+    return apply_transform(transform, x), apply_relabel(relabel, y)

@@ -23,14 +23,16 @@ from pydantic import (
 )
 
 from slimforge.training import FitConfig
-from slimforge.transforms import TRANSFORMS
+from slimforge.transforms import RELABELS, TRANSFORMS
 
 
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="artifact directory name")
-    transform: Literal[tuple(TRANSFORMS)]  # type: ignore[valid-type]
+    transform: Literal[tuple(TRANSFORMS)] = "identity"  # type: ignore[valid-type]
+    relabel: Literal[tuple(RELABELS)] = Field(  # type: ignore[valid-type]
+        default="identity", description="class mapping of the task (parity, mod3, high, prime) or identity")
 
 
 _LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_init")

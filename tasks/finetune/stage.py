@@ -13,7 +13,7 @@ from slimforge.artifacts import atomic_dir, read_meta
 from slimforge.checkpoint import load_model, save_model
 from slimforge.data import load_dataset
 from slimforge.training import accuracy
-from slimforge.transforms import apply_transform
+from slimforge.transforms import task_data
 from tasks.finetune.finetune import finetune
 
 
@@ -31,8 +31,8 @@ def run(params, ws, fanout=None) -> dict:
     def one(k: int):
         task = cfg.tasks[k]
         g = torch.Generator().manual_seed(cfg.seed * 1000 + k)
-        model = finetune(base, apply_transform(task.transform, x), y, cfg, g, label=f"finetune {task.name}")
-        return task.name, model, accuracy(model, apply_transform(task.transform, xv), yv)
+        model = finetune(base, *task_data(task.transform, task.relabel, x, y), cfg, g, label=f"finetune {task.name}")
+        return task.name, model, accuracy(model, *task_data(task.transform, task.relabel, xv, yv))
 
     results = (fanout or _serial)(one, list(range(len(cfg.tasks))))
     spec = read_meta(ws.artifact("train"))["model"]

@@ -103,6 +103,14 @@ def make_patch(tau: dict[str, Tensor], cfg: PatchConfig) -> Patch:
     return Patch(tensors, layout, cfg.bits)
 
 
+def _stored(patch: Patch, name: str, key: str, cols: int) -> Tensor:
+    """Decode the stored part ``key`` (w, u or v) of tensor ``name`` to a float (R, cols) matrix."""
+    prefix = f"{name}.{key}"
+    parts = {k[len(prefix):].lstrip("."): v for k, v in patch.tensors.items()
+             if k == prefix or k.startswith(prefix + ".")}
+    return _decode(parts, patch.bits, cols)
+
+
 def patch_delta(patch: Patch) -> dict[str, Tensor]:
     """The full-size tensors a patch stands for."""
     out = {}
@@ -110,17 +118,11 @@ def patch_delta(patch: Patch) -> dict[str, Tensor]:
         shape = entry["shape"]
         rows = shape[0] if len(shape) > 1 else 1
         cols = int(torch.Size(shape).numel()) // rows
-
-        def part(key: str, ncols: int) -> Tensor:
-            stored = {k[len(f"{name}.{key}"):].lstrip("."): v for k, v in patch.tensors.items()
-                      if k == f"{name}.{key}" or k.startswith(f"{name}.{key}.")}
-            return _decode(stored, patch.bits, ncols)
-
         if entry["form"] == "lowrank":
-            v = part("v", cols)
-            matrix = part("u", v.shape[0]) @ v  # (N, r) @ (r, K)
+            v = _stored(patch, name, "v", cols)  # (r, K)
+            matrix = _stored(patch, name, "u", v.shape[0]) @ v  # (N, r) @ (r, K)
         else:
-            matrix = part("w", cols)
+            matrix = _stored(patch, name, "w", cols)
         out[name] = matrix.reshape(shape)
     return out
 

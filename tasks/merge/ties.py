@@ -21,12 +21,18 @@ from torch import Tensor
 
 
 def keep_threshold(magnitudes: Tensor, density: float) -> float:
-    """The smallest |τ| kept when the top ``density`` share of ``magnitudes`` (flat) survive."""
+    """The smallest |τ| kept when the top ``density`` share of ``magnitudes`` (flat) survive.
+
+    The (n − keep + 1)-th smallest entry, found by numpy's partition, which *reorders
+    ``magnitudes`` in place* (float32, CPU): torch.kthvalue would clone the buffer and allocate
+    int64 indices, 3× a model's worth of memory in a streamed merge."""
     n = magnitudes.numel()
     keep = max(1, round(density * n))
     if keep >= n:
         return 0.0
-    return float(torch.kthvalue(magnitudes.float(), n - keep + 1).values)
+    flat = magnitudes.detach().reshape(-1).float().numpy()
+    flat.partition(n - keep)
+    return float(flat[n - keep])
 
 
 def trim(delta: Tensor, threshold: float) -> Tensor:
@@ -35,10 +41,18 @@ def trim(delta: Tensor, threshold: float) -> Tensor:
 
 
 def disjoint_mean(deltas: list[Tensor]) -> Tensor:
-    """Elect γ = sgn(Σ_k τ_k) and average, per entry, the τ_k that are nonzero with sign γ."""
-    stacked = torch.stack(deltas)  # (K, ...)
-    sign = torch.sign(stacked.sum(dim=0))  # (...)
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)  # (K, ...)
-    count = agree.sum(dim=0)  # (...)
-    total = torch.where(agree, stacked, torch.zeros_like(stacked)).sum(dim=0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    """Elect γ = sgn(Σ_k τ_k) and average, per entry, the τ_k that are nonzero with sign γ.
+
+    Accumulated task by task, entry-wise, so the result of a block of rows equals those rows of
+    the whole tensor's result bit for bit (a streamed merge reads blocks) and the temporaries
+    are a few tensors, not K stacked copies."""
+    mass = torch.zeros_like(deltas[0])
+    for d in deltas:
+        mass += d
+    sign = torch.sign(mass)
+    total, count = torch.zeros_like(mass), torch.zeros_like(mass)
+    for d in deltas:
+        agree = (torch.sign(d) == sign) & (d != 0)
+        total += torch.where(agree, d, 0.0)
+        count += agree
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
