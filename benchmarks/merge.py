@@ -6,8 +6,9 @@ small CNN trained on clean digits (benchmarks/prune.py's recipe); each of ``--ta
 blur and additive noise) is a full fine-tune of the base on transformed train images with its
 own head (the finetune stage's own function). Every method then merges the K backbones through
 the stage's own runners (``tasks.merge.runners``: λ and q grids and greedy choices on the
-validation split; AdaMerging on the *unlabelled* validation inputs) and each task is scored on
-the test split with its own head.
+validation split; AdaMerging on the *unlabelled* validation inputs, and once with the labelled
+cross-entropy objective of Self Positioning) and each task is scored on the test split with its
+own head.
 
 Reported per method: per-task test accuracy, the mean, and the normalized average
 (mean over tasks of merged accuracy / fine-tuned accuracy, the FusionBench measure), with the
@@ -62,7 +63,9 @@ def methods(steps: int) -> dict:
             "dare_ties": TaskVectorConfig(method="dare", drop=0.9, consensus="ties",
                                           lambdas=[0.4, 0.6, 0.8, 1.0, 1.2, 1.5]),
             "adamerging_task": AdaMergingConfig(granularity="task", steps=steps),
-            "adamerging_layer": AdaMergingConfig(granularity="layer", steps=steps)}
+            "adamerging_layer": AdaMergingConfig(granularity="layer", steps=steps),
+            "adamerging_layer_labelled": AdaMergingConfig(granularity="layer", steps=steps,
+                                                          objective="cross_entropy")}
 
 
 def load_splits():
