@@ -1,4 +1,4 @@
-"""One measuring harness for every artifact: accuracy, NLL, calibration, size, sparsity, speed.
+"""One measuring harness for every artifact: accuracy, NLL, calibration, size, sparsity, FLOPs, memory, speed.
 
 Calibration is the expected calibration error of *On Calibration of Modern Neural
 Networks* (Guo, Pleiss, Sun, Weinberger; ICML 2017, eq. 3): predictions are grouped into
@@ -20,13 +20,20 @@ Every function here is pure except ``size_on_disk``, which reads file sizes. Con
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import kernels
 
 ECE_BINS = 15
 
@@ -87,16 +94,28 @@ def classification_metrics(logits: Tensor, y: Tensor, num_classes: int) -> dict:
     probs = logits.softmax(dim=1)  # (N, C)
     conf, pred = probs.max(dim=1)  # (N,), (N,)
     correct = pred == y
-    per_class = []
-    for k in range(num_classes):
-        mask = y == k
-        per_class.append(float(correct[mask].double().mean()) if mask.any() else None)
     return {
         "accuracy": float(correct.double().mean()),
         "loss": float(F.cross_entropy(logits, y)),
         "ece": expected_calibration_error(conf, correct),
-        "per_class_accuracy": per_class,
+        "per_class_accuracy": per_class_accuracy(logits, y, num_classes),
     }
+
+
+def per_class_accuracy(logits: Tensor, y: Tensor, num_classes: int) -> list[float | None]:
+    """Fraction in [0, 1] of the examples of each class k whose argmax logit is k; None if y has no k.
+
+    logits (N, C), y (N,) integer labels in [0, num_classes). None rather than NaN keeps the list JSON.
+    """
+    if logits.dim() != 2 or logits.shape[1] != num_classes or logits.shape[0] != y.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(y.shape)} and {num_classes} classes")
+    y = y.long()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(y.min())}, {int(y.max())}]")
+    correct = (logits.float().argmax(dim=1) == y).double()  # (N,)
+    hits = torch.bincount(y, weights=correct, minlength=num_classes)  # (C,)
+    counts = torch.bincount(y, minlength=num_classes)  # (C,)
+    return [float(h / c) if c else None for h, c in zip(hits.tolist(), counts.tolist())]
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -132,6 +151,108 @@ def count_parameters(model: nn.Module) -> int:
         if bias is not None:
             n += bias.numel()
     return n
+
+
+def _dense_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    """A low-bit matmul x (M, K) -> (M, N) counted as the dense matmul it stands for: 2·M·K·N."""
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
+def _mha_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """nn.MultiheadAttention's eval fast path, one op: q/k/v and out projections, QKᵀ and AV."""
+    (b, t, e), s = q_shape, k_shape[1]
+    return 2 * b * e * (e * (t + 2 * s) + 2 * t * s + t * e)
+
+
+# Ops FlopCounterMode's own registry misses (torch 2.13): it would count them as 0 FLOPs.
+_EXTRA_FLOPS = {
+    torch.ops.aten._weight_int8pack_mm: _dense_flops,
+    torch.ops.aten._weight_int4pack_mm_for_cpu: _dense_flops,
+    torch.ops.quantized.linear_dynamic: _dense_flops,
+    torch.ops.aten._int_mm: _dense_flops,
+    torch.ops.aten._native_multi_head_attention: _mha_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # q, k, v (B, H, T, hd): QKᵀ and AV
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+}
+
+
+def _launches_triton(module: nn.Module) -> bool:
+    """Whether a packed module's matmul is a direct Triton launch, which no TorchDispatchMode sees."""
+    kernel = getattr(module, "engine", getattr(module, "kernel", None))
+    if kernel not in kernels.KERNELS:
+        return False  # fbgemm, or a module whose matmul is a torch op
+    try:
+        return kernels.resolve_kernel(kernel, _device_of(module)) == "triton"
+    except ValueError:
+        return False
+
+
+def flops_per_example(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of one example (a batch of 1 of zeros), a multiply-add counted as 2 FLOPs.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts matmuls (mm, addmm,
+    bmm), convolutions and attention only: bias adds, norms, activations and softmax are 0.
+    A packed low-bit layer counts as the dense matmul it stands for, 2·in·out per token: the
+    packed CPU ops through ``_EXTRA_FLOPS``, a Triton launch by a forward hook. Its real extra
+    work (LoRC's rank-r matmuls) is counted as ops like any other.
+    """
+    device, was_training = _device_of(model), model.training
+    x = torch.zeros((1, *input_shape), device=device)
+    unseen: list[int] = []  # FLOPs of Triton launches
+    hook = lambda m, args, out: unseen.append(2 * args[0].numel() * m.out_features)
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if getattr(m, "is_packed", False) and _launches_triton(m)]
+    model.eval()
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counter.get_total_flops() + sum(unseen)
+
+
+def peak_memory_bytes(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
+                      generator: torch.Generator) -> int:
+    """Peak bytes allocated by one forward pass of a random (batch_size, *input_shape) batch, above those before.
+
+    Counted: every tensor torch allocates during the pass (activations, the output, workspace
+    tensors of ops); not the weights or the input, which exist before it. One untimed pass runs
+    first, so one-time caches (cuBLAS workspace, prepacked weights) are not charged to it.
+    CUDA: the caching allocator's ``max_memory_allocated`` minus ``memory_allocated`` before.
+    CPU: the running sum of torch's CPU allocation and free events recorded by
+    ``torch.profiler`` (``profile_memory=True``); memory a library mallocs on its own, outside
+    torch's allocator (oneDNN scratchpads, fbgemm buffers), is not seen.
+    """
+    if batch_size < 1:
+        raise ValueError(f"peak_memory_bytes needs batch_size >= 1, got {batch_size}")
+    device, was_training = _device_of(model), model.training
+    x = torch.randn((batch_size, *input_shape), generator=generator).to(device)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(x)
+            return _cuda_peak(model, x, device) if device.type == "cuda" else _cpu_peak(model, x)
+    finally:
+        model.train(was_training)
+
+
+def _cuda_peak(model: nn.Module, x: Tensor, device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    _output = model(x)  # kept alive until the peak is read: the output counts
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _cpu_peak(model: nn.Module, x: Tensor) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _output = model(x)  # kept alive until the peak is read: the output counts
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]  # +alloc / -free bytes
+    return max(accumulate((n for _, n in sorted(events, key=lambda e: e[0])), initial=0))  # peak of live bytes
 
 
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int,
