@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= INFO
 
-.PHONY: install run test repro report clean
+.PHONY: install browser run test repro report clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,20 @@ install: $(STAMP)
 run: install
 	slimforge run --params params/default.yaml
 
+## Headless Chromium for the report's browser test (Debian's package, as root or via sudo).
+## Without either, or without apt-get, it says so and the browser test skips itself.
+browser:
+	@command -v chromium >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "browser: chromium missing, no root or sudo: the browser test will be skipped"; exit 0; fi; \
+	command -v apt-get >/dev/null 2>&1 || { echo "browser: chromium missing, no apt-get: the browser test will be skipped"; exit 0; }; \
+	$$sudo apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	echo "browser: apt-get could not install chromium: the browser test will be skipped"
+
 ## Run every test.
-test: install
+test: install browser
 	pytest -q
 
 ## The same pipeline through DVC alone.

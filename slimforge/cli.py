@@ -84,9 +84,10 @@ def report(
     """Render the HTML/Markdown report from metrics/summary.csv."""
     from tasks.evaluate.report import render_report
     from tasks.evaluate.schema import read_summary
+    from tasks.evaluate.stage import saved_sections
 
     try:
-        paths = render_report(read_summary(summary), out)
+        paths = render_report(read_summary(summary), out, **saved_sections(summary.resolve().parent.parent, out))
     except (ValueError, OSError) as e:
         _fail(str(e), code=1)
     for p in paths:

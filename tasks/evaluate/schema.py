@@ -3,7 +3,9 @@
 ``evaluated_on`` is ``test`` (the held-out split), ``tasks-mean`` (the mean over the
 fine-tuning tasks, for merged models) or the name of one task. Sizes are bytes on disk,
 ``bits`` is bits on disk per logical parameter, latencies are median milliseconds per
-forward pass at batch 1 and 256. The CSV is validated on the way out and on the way in.
+forward pass at batch 1 and 256; ``accuracy_low``/``accuracy_high`` bound a bootstrap 95%
+interval of the accuracy over the test examples, ``flops`` counts one example's forward pass
+and ``peak_memory_bytes`` what one forward at batch 256 allocates beyond the weights. The CSV is validated on the way out and on the way in.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
         "params": pa.Column(int, _positive),
         "latency_ms_b1": pa.Column(float, _positive),
         "latency_ms_b256": pa.Column(float, _positive),
+        # optional: a table written before these measures existed still reads
+        "accuracy_low": pa.Column(float, _unit, required=False),  # bootstrap 95% CI over test examples
+        "accuracy_high": pa.Column(float, _unit, required=False),
+        "flops": pa.Column(int, pa.Check.ge(0), required=False),  # forward FLOPs per example
+        "peak_memory_bytes": pa.Column(int, pa.Check.ge(0), required=False),  # one forward at batch 256
     },
     unique=["artifact", "evaluated_on"],
     strict=True,
@@ -46,6 +53,7 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
     name="metrics/summary.csv",
 )
 COLUMNS = list(SUMMARY_SCHEMA.columns)
+REQUIRED = [name for name, col in SUMMARY_SCHEMA.columns.items() if col.required]
 
 
 class SummaryError(ValueError):
@@ -62,7 +70,7 @@ def _one_line(err: Exception, limit: int = 300) -> str:
 def validate_summary(df: pd.DataFrame, where: str = "summary") -> pd.DataFrame:
     """Validated, coerced copy of ``df`` with columns in schema order, or a one-line SummaryError."""
     # Column-set problems get a plain message; pandera's strict error prints the whole schema.
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
     extra = [str(c) for c in df.columns if c not in COLUMNS]
     if missing or extra:
         raise SummaryError(f"{where}: columns do not match the summary schema: missing {missing}, unexpected {extra}")
@@ -70,7 +78,7 @@ def validate_summary(df: pd.DataFrame, where: str = "summary") -> pd.DataFrame:
         out = SUMMARY_SCHEMA.validate(df, lazy=False)
     except (pa.errors.SchemaError, pa.errors.SchemaErrors) as e:
         raise SummaryError(f"{where}: does not match the summary schema: {_one_line(e)}") from None
-    return out[COLUMNS].reset_index(drop=True)
+    return out[[c for c in COLUMNS if c in out.columns]].reset_index(drop=True)
 
 
 def write_summary(df: pd.DataFrame, path: Path) -> Path:
@@ -97,3 +105,29 @@ def read_summary(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise SummaryError(f"{path}: not a readable CSV ({_one_line(e)})") from None
     return validate_summary(df, where=str(path))
+
+
+COMPARISON_SCHEMA = pa.DataFrameSchema(
+    {
+        "artifact": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "evaluated_on": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "baseline": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "difference": pa.Column(float, pa.Check.in_range(-1.0, 1.0)),
+        "low": pa.Column(float, pa.Check.in_range(-1.0, 1.0)),
+        "high": pa.Column(float, pa.Check.in_range(-1.0, 1.0)),
+        "p_value": pa.Column(float, pa.Check.in_range(0.0, 1.0)),
+        "n": pa.Column(int, _positive),
+    },
+    checks=[pa.Check(lambda df: df["low"] <= df["high"], error="low <= high")],
+    strict=True,
+    coerce=True,
+    name="reports/comparisons.csv",
+)
+
+
+def validate_comparisons(df: pd.DataFrame, where: str = "comparisons") -> pd.DataFrame:
+    """The paired method-versus-baseline table, validated, or a one-line SummaryError."""
+    try:
+        return COMPARISON_SCHEMA.validate(df, lazy=False).reset_index(drop=True)
+    except (pa.errors.SchemaError, pa.errors.SchemaErrors) as e:
+        raise SummaryError(f"{where}: does not match the comparison schema: {_one_line(e)}") from None

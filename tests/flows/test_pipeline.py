@@ -125,3 +125,20 @@ def test_summary_holds_every_artifact(two_ways):
     df = read_summary(via_flow / "metrics/summary.csv")
     assert {"train", "prune", "quantize/int8", "quantize/int4", "merge"} <= set(df.artifact)
     assert (via_flow / "reports/report.html").is_file()
+    assert ((df.accuracy_low <= df.accuracy) & (df.accuracy <= df.accuracy_high)).all() and (df.flops > 0).all()
+
+
+def test_merge_is_compared_with_the_uniform_soup_and_lineage_is_fresh(two_ways):
+    _, via_flow, *_ = two_ways
+    import json
+
+    import pandas as pd
+
+    comparisons = pd.read_csv(via_flow / "reports/comparisons.csv")
+    soup = comparisons[(comparisons.artifact == "merge") & (comparisons.baseline == "uniform soup")]
+    tasks = len(list((via_flow / "artifacts/finetune").iterdir()))
+    assert len(soup) == tasks + 1 and (soup.low <= soup.difference).all() and (soup.difference <= soup.high).all()
+    metrics = json.loads((via_flow / "metrics/evaluate.json").read_text())
+    assert metrics["stale_lineage_edges"] == 0 and metrics["promotion"]["reason"] == "promotion disabled"
+    html = (via_flow / "reports/report.html").read_text()
+    assert "<h2>Lineage</h2>" in html and "<h2>Against the baselines</h2>" in html
