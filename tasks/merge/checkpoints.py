@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from slimforge.artifacts import META, WEIGHTS, ArtifactError, load_tensors, read_meta
+from slimforge.artifacts import META, WEIGHTS, ArtifactError, read_meta
 
 INDEX = "model.safetensors.index.json"
 FORMATS = ("dense", "checkpoint", "packed")  # meta.json formats a merge reads (checkpoint: a streamed merge)
@@ -228,29 +228,13 @@ def _packed_state(directory: Path) -> dict[str, Tensor]:
     attention) is its effective weight, every other stored tensor (biases, norms, layers left in
     float, buffers) is kept as stored; the layers' codes, scales and extras are dropped."""
     from slimforge.checkpoint import build_from_spec
-    from slimforge.models import ATTENTION
-    from tasks.quantize.packed import read_layers
+    from tasks.quantize import dequantized_state, read_packed  # the quantize stage owns the layout
 
-    path = directory / WEIGHTS
     meta = read_meta(directory)
     if "model" not in meta:
         raise ArtifactError(f"{directory / META}: no 'model' entry to rebuild the packed model from")
-    model = build_from_spec(meta["model"])
-    tensors = load_tensors(path)
+    tensors, metadata = read_packed(directory)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path}: unreadable safetensors metadata ({e})") from None
-    try:
-        layers = read_layers(model, tensors, metadata)
+        return dequantized_state(build_from_spec(meta["model"]), tensors, metadata)
     except ArtifactError as e:
-        raise ArtifactError(f"{path}: {e}") from None
-    keys = set(model.state_dict())
-    storage = {k for k in tensors for layer in layers if k.startswith(f"{layer}.") and k not in keys}
-    state = {k: v for k, v in tensors.items() if k not in storage}
-    for name, layer in layers.items():
-        attr = "in_proj_weight" if isinstance(model.get_submodule(name), ATTENTION) else "weight"
-        shape = getattr(model.get_submodule(name), attr).shape
-        state[f"{name}.{attr}"] = layer.effective_weight().float().reshape(shape).contiguous()
-    return state
+        raise ArtifactError(f"{directory / WEIGHTS}: {e}") from None

@@ -23,13 +23,19 @@ from tasks.quantize.awq import AwqConfig, quantize_awq
 from tasks.quantize.flexround import FlexRoundConfig, quantize_flexround
 from tasks.quantize.gptq import GptqConfig, quantize_gptq
 from tasks.quantize.layerwise import QuantizedLayer, quantize_rtn
-from tasks.quantize.packed import load_packed_artifact, quantize_model, save_packed
+from tasks.quantize.packed import (
+    dequantized_state,
+    load_packed_artifact,
+    quantize_model,
+    read_packed,
+    save_packed,
+)
 from tasks.quantize.qat import QatConfig, quantize_qat
 from tasks.quantize.rtn import RtnConfig
 from tasks.quantize.smoothquant import SmoothQuantConfig, quantize_smoothquant
 
 __all__ = ["METHODS", "AwqConfig", "GptqConfig", "Method", "QuantizeMethod", "QuantizedLayer", "RtnConfig",
-           "get_method", "load_packed_artifact", "quantize_model", "save_packed"]
+           "dequantized_state", "get_method", "load_packed_artifact", "quantize_model", "read_packed", "save_packed"]
 
 
 class Method(NamedTuple):

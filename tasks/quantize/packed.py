@@ -321,13 +321,32 @@ def save_packed(path, tensors: dict[str, Tensor], cfg: GridConfig) -> None:
     save_tensors(path, tensors, metadata=packed_layout(cfg, tensors))
 
 
-def load_packed_artifact(directory, model: nn.Module, kernel: kernels.Kernel = "auto") -> nn.Module:
-    """A packed quantized artifact directory loaded into ``model`` (same architecture)."""
+def read_packed(directory) -> tuple[dict[str, Tensor], dict[str, str] | None]:
+    """A packed artifact directory's stored tensors and the layout in its safetensors metadata."""
     path = Path(directory) / WEIGHTS
     tensors = load_tensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
+            return tensors, f.metadata()
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path}: unreadable safetensors metadata ({e})") from None
+
+
+def dequantized_state(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, Tensor]:
+    """The float state dict a packed file stands for: each packed layer's weight (an attention's
+    ``in_proj_weight`` for its in-projection) is its effective weight; every other stored tensor
+    is kept as stored; codes, scales and the other packing tensors are dropped."""
+    layers = read_layers(model, tensors, metadata)
+    keys = set(model.state_dict())
+    storage = {k for k in tensors for layer in layers if k.startswith(f"{layer}.") and k not in keys}
+    state = {k: v for k, v in tensors.items() if k not in storage}
+    for name, layer in layers.items():
+        key = weight_key(model, name)
+        state[key] = layer.effective_weight().float().reshape(model.get_parameter(key).shape).contiguous()
+    return state
+
+
+def load_packed_artifact(directory, model: nn.Module, kernel: kernels.Kernel = "auto") -> nn.Module:
+    """A packed quantized artifact directory loaded into ``model`` (same architecture)."""
+    tensors, metadata = read_packed(directory)
     return load_quantized(model, tensors, metadata, kernel).eval()

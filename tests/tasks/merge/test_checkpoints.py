@@ -136,19 +136,16 @@ def test_a_packed_artifact_reads_as_its_dequantized_float_state(packed_artifact,
     assert not torch.equal(got, w) and (got - w).abs().max() <= step / 2 + 1e-6
 
 
-def test_a_packed_attention_layer_becomes_its_in_proj_weight(packed_artifact, monkeypatch, tmp_path):
-    cfg = ViTConfig(patch=8, width=16, depth=1, heads=2, mlp=16)
-    model = build_model(cfg, (64,), 10)
+def test_a_packed_attention_in_projection_becomes_its_in_proj_weight(packed_artifact, tmp_path):
+    cfg = ViTConfig(patch=8, width=32, depth=1, heads=2, mlp=32)
+    spec, model = model_spec(cfg, (64,), 10), build_model(cfg, (64,), 10)
+    tensors = quantize_model(model, GRID)
     attn = "backbone.blocks.0.attn"
-    state = {k: v for k, v in model.state_dict().items() if k != f"{attn}.in_proj_weight"}
-    state[f"{attn}.qweight"] = torch.zeros(48, 8, dtype=torch.uint8)
-    weight = torch.randn(48 * 16)
+    assert f"{attn}.in_proj.qweight" in tensors and f"{attn}.in_proj_weight" not in tensors
+    ck = open_checkpoint(packed_artifact(tmp_path / "vit", spec, tensors, packed_layout(GRID, tensors)))
+    assert not any(".qweight" in n or ".scales" in n for n in ck.names())
+    w, got = model.get_parameter(f"{attn}.in_proj_weight").detach(), ck.get(f"{attn}.in_proj_weight")
+    assert got.shape == w.shape == (96, 32) and not torch.equal(got, w)
+    assert (got - w).abs().max() <= w.abs().max() / 7 / 2 + 1e-6  # within half a 4-bit step
+    assert set(ck.names()) == set(model.state_dict())
 
-    class Layer:
-        def effective_weight(self):
-            return weight.reshape(48, 16)
-
-    monkeypatch.setattr("tasks.quantize.packed.read_layers", lambda *a: {attn: Layer()})
-    ck = open_checkpoint(packed_artifact(tmp_path / "vit", model_spec(cfg, (64,), 10), state, {}))
-    assert f"{attn}.qweight" not in ck.names() and ck.shape(f"{attn}.in_proj_weight") == (48, 16)
-    assert torch.equal(ck.get(f"{attn}.in_proj_weight"), weight.reshape(48, 16))
