@@ -7,8 +7,9 @@ head) is measured on the test split; a merge of outside checkpoints has no row. 
 a bootstrap 95% interval of its accuracy over the test examples.
 
 Beside the table: ``reports/comparisons.csv`` pairs each method with its stage's baseline on
-the same examples (``baselines.py``: quantize variants against RTN at the same grid, the merge
-against the uniform soup of the same task models); ``reports/per_class.csv`` holds per-class
+the same examples (``baselines.py``: quantize variants against RTN at the same grid, the pruned
+model against the prune stage's random mask of equal per-layer sparsity when it wrote one, the
+merge against the uniform soup of the same task models); ``reports/per_class.csv`` holds per-class
 accuracy; the promotion rule (``promotion.py``) decides whether the run's candidate replaces
 the champion in ``runs/champion.json``; the report draws the lineage graph of every artifact
 from the meta.json hashes and flags parents that changed since (``lineage.py``).
@@ -109,7 +110,9 @@ def run(params, ws, fanout=None) -> dict:
     cfg = params.evaluate
     ds = load_dataset(ws.artifact("ingest"))
     h = Harness(cfg, *ds.part("test"), ds.num_classes)
+    baseline = ws.artifact("prune", "random_baseline")
     for artifact, directory in [("train", ws.artifact("train")), *_seed_runs(ws), ("prune", ws.artifact("prune")),
+                                *([("prune/random_baseline", baseline)] if baseline.is_dir() else []),
                                 *[(f"quantize/{p.name}", p) for p in sorted(ws.artifact("quantize").iterdir())]]:
         h.add(artifact, directory, "test", load_any(directory))
     task_dirs = sorted(p for p in ws.artifact("finetune").iterdir() if p.is_dir())
@@ -140,6 +143,9 @@ def _pairs(ws, merged: str | None, task_dirs, tasks: dict, h: Harness) -> list[t
     """(artifact, evaluated_on, baseline label, baseline key) of every comparison to make."""
     configs = {p.name: read_meta(p)["config"] for p in sorted(ws.artifact("quantize").iterdir())}
     pairs = [(a, "test", f"{b} (RTN)", b) for a, b in quantize_pairs(configs)]
+    if ws.artifact("prune", "random_baseline").is_dir():
+        pairs.append(("prune", "test", "prune/random_baseline (random mask, same per-layer sparsity)",
+                      "prune/random_baseline"))
     if merged is not None and merged != "average":
         models = [load_model(p) for p in task_dirs]
         soup = average_states([dict(m.backbone.state_dict()) for m in models])

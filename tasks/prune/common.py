@@ -49,6 +49,9 @@ class PruneBase(BaseModel):
                                         f"None = {LORA_ALPHA:g}")
     recovery_data: DataSource = Field(default_factory=DataSource,
                                       description="what recovery trains on (e.g. the select stage's coreset)")
+    random_baseline: bool = Field(
+        default=False, description="also write prune/random_baseline: a random mask with the same per-layer "
+                                   "kept counts, recovered the same way (masked methods only)")
     seed: int = 0
 
     @model_validator(mode="after")

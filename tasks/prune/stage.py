@@ -22,7 +22,9 @@ from tasks.prune.common import (
     perp_parameters,
     sparsity_report,
 )
+from tasks.prune.magnitude import apply_masks
 from tasks.prune.perp import recover_perp_lora
+from tasks.prune.random import random_like
 from tasks.select.output import named_set
 from tasks.train.init import initialize
 
@@ -43,16 +45,39 @@ def run(params, ws, fanout=None) -> dict:
     rx, ry = named_set(cfg.recovery_data, ws.artifact("select"), ds, g)
     recover(result, cfg, rx, ry, g)
     spec = result_spec(spec, result)
+    masked = result.masks and result.model_config is None and not result.ranks  # same architecture as the base
+    baseline = random_baseline(ws, cfg, result, rx, ry) if cfg.random_baseline and masked else None
     with atomic_dir(ws.artifact("prune")) as d:
         save_model(d, result.model.state_dict(), spec, root=ws.root, stage="prune", method=cfg.method,
                    config=cfg.model_dump(mode="json"), seed=cfg.seed, parents=_parents(ws, cfg),
                    format="sparse" if result.masks else "dense")
         stored = (d / WEIGHTS).stat().st_size
-    return {"method": cfg.method, **sparsity_report(result.model, result.masks), **result.report,
+        if baseline is not None:
+            (d / BASELINE).mkdir()
+            save_model(d / BASELINE, baseline.model.state_dict(), spec, root=ws.root, stage="prune",
+                       method="random_like", config=cfg.model_dump(mode="json"), seed=cfg.seed + 1,
+                       parents=_parents(ws, cfg), format="sparse")
+    extra = {} if baseline is None else {"val_accuracy_random_baseline": round(accuracy(baseline.model, *val), 6)}
+    return {"method": cfg.method, **extra, **sparsity_report(result.model, result.masks), **result.report,
             "bytes": stored, "dense_bytes": (ws.artifact("train") / WEIGHTS).stat().st_size,
             "recovery_examples": 0 if cfg.recovery_params == "none" else len(ry),
             "val_accuracy_dense": round(dense_val, 6), "val_accuracy_before_recovery": round(val_before, 6),
             "val_accuracy": round(accuracy(result.model, *val), 6)}
+
+
+BASELINE = "random_baseline"
+
+
+def random_baseline(ws, cfg, result: Pruned, x, y) -> Pruned:
+    """Rethinking the Value of Network Pruning's control: the base with a random mask of the same
+    per-layer kept counts, recovered exactly as the method's result was (own generator)."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    model = load_model(ws.artifact("train"))
+    masks = random_like(result.masks, g)
+    apply_masks(model, masks)
+    baseline = Pruned(model, masks)
+    recover(baseline, cfg, x, y, g)
+    return baseline
 
 
 def recover(result: Pruned, cfg, x, y, g: torch.Generator) -> None:

@@ -140,3 +140,18 @@ def test_perp_lora_moves_the_surviving_weights_and_keeps_the_mask(ws):
     for name, w in prunable(pruned).items():
         assert torch.equal(w != 0, masks[name]), name  # exactly the mask
         assert not torch.equal(w[masks[name]], prunable(base)[name][masks[name]]), f"{name} did not move"
+
+
+def test_random_baseline_keeps_the_per_layer_counts_and_is_recovered_like_the_method(ws):
+    params = _params(ws.root, prune={"method": "magnitude", "sparsity": 0.8, "random_baseline": True,
+                                     "recovery": QUICK})
+    metrics = run_prune(params, ws)
+    pruned, baseline = load_model(ws.artifact("prune")), load_model(ws.artifact("prune", "random_baseline"))
+    assert read_meta(ws.artifact("prune", "random_baseline"))["method"] == "random_like"
+    base = load_model(ws.artifact("train"))
+    for (name, p), q, b in zip(pruned.named_parameters(), baseline.parameters(), base.parameters(), strict=True):
+        if p.dim() > 1:  # prunable weights: same kept count, other places, retrained
+            assert int((p != 0).sum()) == int((q != 0).sum()) and not torch.equal(p != 0, q != 0), name
+            assert not torch.equal(q[q != 0], b[q != 0]), f"{name} of the baseline was not recovered"
+    val = load_dataset(ws.artifact("ingest")).part("val")
+    assert accuracy(baseline, *val) == pytest.approx(metrics["val_accuracy_random_baseline"], abs=1e-6)
