@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -19,7 +20,7 @@ from slimforge.artifacts import write_json_atomic
 from slimforge.config import dump_params, load_params
 from slimforge.stages import run_stage
 from slimforge.workspace import Workspace
-from tasks.evaluate.schema import read_summary
+from tasks.evaluate.schema import read_summary, validate_comparisons
 
 
 @task(cache_policy=NO_CACHE, task_run_name="fan-out item {item}")
@@ -80,3 +81,8 @@ def publish_summary(ws: Workspace) -> None:
         table = read_summary(summary).round(4).to_dict(orient="records")
         create_table_artifact(key="slimforge-summary", table=table,
                               description="slimforge: every artifact measured on one harness")
+    comparisons = ws.root / "reports" / "comparisons.csv"
+    if comparisons.exists():
+        table = validate_comparisons(pd.read_csv(comparisons)).round(4).to_dict(orient="records")
+        create_table_artifact(key="slimforge-baselines", table=table,
+                              description="slimforge: each method against its stage's baseline, paired")
