@@ -7,9 +7,10 @@ head) is measured on the test split; a merge of outside checkpoints has no row. 
 a bootstrap 95% interval of its accuracy over the test examples.
 
 Beside the table: ``reports/comparisons.csv`` pairs each method with its stage's baseline on
-the same examples (``baselines.py``: quantize variants against RTN at the same grid, the pruned
-model against the prune stage's random mask of equal per-layer sparsity when it wrote one, the
-merge against the uniform soup of the same task models); ``reports/per_class.csv`` holds per-class
+the same examples (``baselines.py``: quantize variants against RTN at the same grid; the model
+trained on a selection against one trained on a random subset of the same size and classes, and
+the pruned model against a random mask of equal per-layer sparsity, when the train and prune
+stages wrote those baselines; the merge against the uniform soup of the same task models); ``reports/per_class.csv`` holds per-class
 accuracy; the promotion rule (``promotion.py``) decides whether the run's candidate replaces
 the champion in ``runs/champion.json``; the report draws the lineage graph of every artifact
 from the meta.json hashes and flags parents that changed since (``lineage.py``).
@@ -110,9 +111,8 @@ def run(params, ws, fanout=None) -> dict:
     cfg = params.evaluate
     ds = load_dataset(ws.artifact("ingest"))
     h = Harness(cfg, *ds.part("test"), ds.num_classes)
-    baseline = ws.artifact("prune", "random_baseline")
-    for artifact, directory in [("train", ws.artifact("train")), *_seed_runs(ws), ("prune", ws.artifact("prune")),
-                                *([("prune/random_baseline", baseline)] if baseline.is_dir() else []),
+    for artifact, directory in [("train", ws.artifact("train")), *_seed_runs(ws), *_baselines(ws, "train"),
+                                ("prune", ws.artifact("prune")), *_baselines(ws, "prune"),
                                 *[(f"quantize/{p.name}", p) for p in sorted(ws.artifact("quantize").iterdir())]]:
         h.add(artifact, directory, "test", load_any(directory))
     task_dirs = sorted(p for p in ws.artifact("finetune").iterdir() if p.is_dir())
@@ -143,9 +143,9 @@ def _pairs(ws, merged: str | None, task_dirs, tasks: dict, h: Harness) -> list[t
     """(artifact, evaluated_on, baseline label, baseline key) of every comparison to make."""
     configs = {p.name: read_meta(p)["config"] for p in sorted(ws.artifact("quantize").iterdir())}
     pairs = [(a, "test", f"{b} (RTN)", b) for a, b in quantize_pairs(configs)]
-    if ws.artifact("prune", "random_baseline").is_dir():
-        pairs.append(("prune", "test", "prune/random_baseline (random mask, same per-layer sparsity)",
-                      "prune/random_baseline"))
+    labels = {"train": "random subset, same size and classes", "prune": "random mask, same per-layer sparsity"}
+    pairs += [(stage, "test", f"{artifact} ({labels[stage]})", artifact)
+              for stage in labels for artifact, _ in _baselines(ws, stage)]
     if merged is not None and merged != "average":
         models = [load_model(p) for p in task_dirs]
         soup = average_states([dict(m.backbone.state_dict()) for m in models])
@@ -208,6 +208,12 @@ def saved_sections(root: Path, reports: Path) -> dict:
     return out
 
 
+def _baselines(ws, stage: str) -> list[tuple[str, Path]]:
+    """A stage's random-baseline artifact (<stage>/random_baseline), if it wrote one."""
+    directory = ws.artifact(stage, "random_baseline")
+    return [(f"{stage}/random_baseline", directory)] if directory.is_dir() else []
+
+
 def _seed_runs(ws) -> list[tuple[str, Path]]:
     """The extra runs of a train seed sweep (artifacts/train/seeds/seed-<s>), if any."""
     seeds = ws.artifact("train", "seeds")
@@ -219,7 +225,7 @@ def seed_statistics(summary: pd.DataFrame) -> dict:
     the percentile-bootstrap interval (``ci95_bootstrap``). The t-interval is the one to quote
     at a handful of seeds: the bootstrap's covers the mean only ~74% of the time at n = 3 and
     ~83% at n = 5 (400 simulated draws of N(0.9, 0.02)), and is nominal only by n ≈ 50."""
-    runs = summary[(summary.stage == "train") & (summary.evaluated_on == "test")]
+    runs = summary[summary.artifact.str.fullmatch(r"train(/seed-\d+)?") & (summary.evaluated_on == "test")]
     acc = runs.accuracy.to_numpy(dtype=float)
     out = {"n": len(acc), "mean": round(float(acc.mean()), 6)}
     if len(acc) > 1:

@@ -22,6 +22,10 @@ class TrainConfig(FitConfig):
     seed: int = Field(default=0, description="seed of the main run, the one later stages build on")
     seeds: list[int] = Field(default_factory=list,
                              description="extra seeds of a seed sweep; evaluate reports mean ± std over all runs")
+    random_baseline: bool = Field(
+        default=False, description="when select chose a subset or distilled a set by a method other than random, "
+                                   "also train train/random_baseline on a random real subset of the same size and "
+                                   "class counts (same init seed and schedule): the baseline selection must beat")
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> TrainConfig:

@@ -76,14 +76,57 @@ def run(params, ws, fanout=None) -> dict:
     seeds = [cfg.seed, *cfg.seeds]
     results = (fanout or _serial)(lambda seed: _train_one(params, ws, data, spec, seed), seeds)
     val = {seed: accuracy(model, *ds.part("val")) for seed, (model, _, _) in zip(seeds, results, strict=True)}
+    baseline = _random_baseline(params, ws, ds, data, spec) if cfg.random_baseline else None
     with atomic_dir(ws.artifact("train")) as d:
         for seed, (model, _, extra) in zip(seeds, results, strict=True):
             target = d if seed == cfg.seed else d / "seeds" / f"seed-{seed}"
             target.mkdir(parents=True, exist_ok=True)
             save_model(target, model.state_dict(), spec, root=ws.root, stage="train", method=cfg.init.scheme,
                        config=cfg.model_dump(mode="json"), seed=seed, parents=_parents(ws), extra=extra)
+        if baseline is not None:
+            (d / BASELINE).mkdir()
+            save_model(d / BASELINE, baseline.state_dict(), spec, root=ws.root, stage="train", method="random_subset",
+                       config=cfg.model_dump(mode="json"), seed=cfg.seed, parents=_parents(ws))
+    if baseline is not None:
+        val["random_baseline"] = accuracy(baseline, *ds.part("val"))
     metrics = {"train_examples": len(data.y), "training_set": data.kind, "final_train_loss": round(results[0][1][-1], 6),
                "val_accuracy": round(val[cfg.seed], 6)}
     if cfg.seeds:
-        metrics["val_accuracy_by_seed"] = {str(s): round(v, 6) for s, v in val.items()}
+        metrics["val_accuracy_by_seed"] = {str(s): round(v, 6) for s, v in val.items() if s != "random_baseline"}
+    if baseline is not None:
+        metrics["val_accuracy_random_baseline"] = round(val["random_baseline"], 6)
     return metrics
+
+
+BASELINE = "random_baseline"
+
+
+def random_subset(y_all: torch.Tensor, y_chosen: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Indices into the train split: per class, as many uniformly random examples as the chosen
+    set has of that class (a synthetic set's images per class, or a coreset's class counts)."""
+    picks = []
+    for c in y_chosen.unique():
+        pool = (y_all == c).nonzero().flatten()
+        want = int((y_chosen == c).sum())
+        if want > len(pool):
+            raise ParamsError(f"train.random_baseline: the selection has {want} examples of class {int(c)}, "
+                              f"the train split only {len(pool)}")
+        picks.append(pool[torch.randperm(len(pool), generator=g)[:want]])
+    return torch.cat(picks).sort().values
+
+
+def _random_baseline(params, ws, ds, data: TrainingSet, spec):
+    """The model trained on a random real subset shaped like the selection, or None when the
+    selection is the random method's (or the whole split, or an epoch plan over it)."""
+    select_method = artifacts.read_meta(ws.artifact("select"))["method"]
+    x, y = ds.part("train")
+    if select_method == "random" or data.kind == "plan" or (data.kind == "subset" and len(data.y) == len(y)):
+        return None
+    cfg = params.train
+    ids = random_subset(y, data.y, torch.Generator().manual_seed(cfg.seed + 7919))
+    g = torch.Generator().manual_seed(cfg.seed)  # the main run's init and batch order
+    model = build_from_spec(spec)
+    masks = initialize(model, cfg.init, g, root=ws.root)
+    fit(model, x[ids], y[ids], cfg.fit_config(), g, hold=MaskHold(model, masks) if masks else None,
+        label="train random baseline", augment=batch_augment() if cfg.augment == "dsa" else None)
+    return model

@@ -9,6 +9,7 @@ def _summary(accs):
              "accuracy": a} for i, a in enumerate(accs)]
     rows.append({"artifact": "prune", "stage": "prune", "evaluated_on": "test", "accuracy": 0.1})
     rows.append({"artifact": "train", "stage": "train", "evaluated_on": "tasks-mean", "accuracy": 0.2})
+    rows.append({"artifact": "train/random_baseline", "stage": "train", "evaluated_on": "test", "accuracy": 0.3})
     return pd.DataFrame(rows)
 
 
@@ -23,6 +24,8 @@ def test_mean_std_and_t_interval():
     assert out["std"] == pytest.approx(0.02)
     half = 4.302653 * 0.02 / 3**0.5  # t_{0.975, 2}
     assert out["ci95"] == pytest.approx([0.92 - half, 0.92 + half], abs=1e-6)
+    low, high = out["ci95_bootstrap"]
+    assert 0.90 <= low <= 0.92 <= high <= 0.94  # resampling 3 values never leaves their range
 
 
 def test_single_run_has_no_spread():

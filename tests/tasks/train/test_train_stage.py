@@ -156,3 +156,29 @@ def test_seed_sweep_writes_one_run_per_seed(prepared, tmp_path, pinned_code_vers
     run_train(alone, ws_alone)
     assert torch.equal(load_tensors(ws_alone.artifact("train", "model.safetensors"))["head.weight"],
                        extra[3]["head.weight"])  # a sweep member is the same run as training that seed alone
+
+
+def test_random_baseline_trains_on_a_random_subset_shaped_like_the_selection(tmp_path):
+    from tasks.train.stage import random_subset
+
+    y_all = torch.arange(10).repeat(20)  # 20 of each class
+    chosen = torch.tensor([0, 0, 0, 1, 7, 7])
+    ids = random_subset(y_all, chosen, torch.Generator().manual_seed(0))
+    assert sorted(y_all[ids].tolist()) == sorted(chosen.tolist()) and len(ids.unique()) == len(ids)
+    assert not torch.equal(ids, random_subset(y_all, chosen, torch.Generator().manual_seed(1)))
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    params = validate_params({"ingest": {"dataset": "digits", "max_examples": 600}, "train": {**TRAIN,
+                              "random_baseline": True},
+                              "select": {"method": "el2n", "keep_fraction": 0.3, "scoring_epochs": 1,
+                                         "scoring_seeds": 1}}, "test")
+    (root / "params.yaml").write_text(dump_params(params))
+    ws = Workspace(root)
+    run_ingest(params, ws)
+    run_select(params, ws)
+    metrics = run_train(params, ws)
+    baseline = ws.artifact("train", "random_baseline")
+    assert read_meta(baseline)["method"] == "random_subset" and 0 < metrics["val_accuracy_random_baseline"] <= 1
+    assert not torch.equal(load_tensors(baseline / "model.safetensors")["head.weight"],
+                           load_tensors(ws.artifact("train") / "model.safetensors")["head.weight"])
