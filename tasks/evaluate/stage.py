@@ -33,13 +33,12 @@ from slimforge.checkpoint import load_any, load_model, load_multihead
 from slimforge.data import load_dataset
 from slimforge.transforms import task_data
 from tasks.evaluate.baselines import compare, quantize_pairs
+from tasks.evaluate.cost import flops_per_example, peak_memory_bytes
 from tasks.evaluate.harness import (
     bits_per_parameter,
     classification_metrics,
     count_parameters,
-    flops_per_example,
     latency_ms,
-    peak_memory_bytes,
     predict,
     size_on_disk,
     sparsity,
