@@ -25,6 +25,7 @@ dequantization), both with TIES. Rows go to ``<out>/merge.csv``, a markdown tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -36,7 +37,6 @@ import pandas as pd
 import torch
 
 from benchmarks.prune import train_base
-from slimforge.training import accuracy
 from slimforge.transforms import RELABELS, task_data
 from tasks.finetune.config import FinetuneConfig, TaskSpec
 from tasks.finetune.finetune import finetune
@@ -87,16 +87,9 @@ def task_models(base, tasks: list[str], x, y, epochs: int, seed: int) -> list:
 
 
 def test_accuracies(ts: TaskSet, backbone: dict, test) -> list[float]:
+    """Each task's accuracy on the test split: the TaskSet's own scoring, on other data."""
     xt, yt = test
-    probe = ts.template
-    saved = {k: v.clone() for k, v in probe.state_dict().items()}
-    probe.backbone.load_state_dict(backbone)
-    out = []
-    for k, head in enumerate(ts.heads):
-        probe.head.load_state_dict(head)
-        out.append(accuracy(probe, *task_data(ts.transforms[k], ts.relabels[k], xt, yt)))
-    probe.load_state_dict(saved)
-    return out
+    return dataclasses.replace(ts, x_val=xt, y_val=yt, _probe=None).accuracies(backbone)
 
 
 def quantized(state: dict) -> dict:

@@ -19,17 +19,22 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta, save_tensors, write_meta
 from slimforge.checkpoint import load_model, multihead_tensors, save_model
 from slimforge.data import load_dataset
-from tasks.merge.barrier import interpolation_curve, loss_barrier, plot_barrier
+from tasks.merge.barrier import (
+    classifier_evaluator,
+    interpolation_curve,
+    loss_barrier,
+    plot_barrier,
+)
 from tasks.merge.checkpoints import open_inputs
 from tasks.merge.patches import apply_patches, make_patch
 from tasks.merge.runners import RUNNERS, TaskSet
 from tasks.merge.streaming import stream_merge
-from tasks.merge.weight_matching import align_and_merge, permutation_spec
+from tasks.merge.task_arithmetic import TaskVectorConfig
+from tasks.merge.weight_matching import align_and_merge, apply_permutation, permutation_spec
 
 
 def run(params, ws, fanout=None) -> dict:
@@ -111,8 +116,7 @@ def _checkpoint_lambda(cfg, k: int) -> float:
 
 
 def _as_task_vector(cfg):
-    from tasks.merge.task_arithmetic import TaskVectorConfig  # average = task arithmetic at λ = 1/K
-
+    """``average`` of checkpoints is task arithmetic at λ = 1/K."""
     return TaskVectorConfig() if cfg.method == "average" else cfg
 
 
@@ -123,17 +127,8 @@ def _run_weight_matching(cfg, ws) -> dict:
     states = [dict(m.state_dict()) for m in models]
     spec = permutation_spec(models[0])
     merged, perms = align_and_merge(spec, states, cfg, torch.Generator().manual_seed(cfg.seed))
-    probe = models[0]
-
-    def evaluate(state):
-        probe.load_state_dict(state)
-        with torch.inference_mode():
-            logits = probe(xv)
-        return float(F.cross_entropy(logits, yv)), float((logits.argmax(1) == yv).float().mean())
-
+    evaluate = classifier_evaluator(models[0], xv, yv)  # state -> (val loss, val accuracy)
     alphas = [i / 10 for i in range(11)]
-    from tasks.merge.weight_matching import apply_permutation
-
     aligned_b = apply_permutation(spec, perms[1], states[1])
     curves = {"naive": interpolation_curve(states[0], states[1], evaluate, alphas),
               "weight matching": interpolation_curve(states[0], aligned_b, evaluate, alphas)}

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from slimforge.averaging import average_states
 from slimforge.models import Classifier, _ImageInput
 
 # Modules that act on each channel alike, so a channel permutation passes through them unchanged.
@@ -200,5 +201,6 @@ def align_and_merge(spec: PermutationSpec, states: list[dict[str, Tensor]], cfg:
     perms = [{p: torch.arange(n) for p, n in spec.sizes.items()}]
     perms += [match_weights(spec, states[0], s, cfg.max_sweeps, generator) for s in states[1:]]
     aligned = [apply_permutation(spec, p, s) for p, s in zip(perms, states, strict=True)]
-    weights = [1 - cfg.alpha, cfg.alpha] if len(states) == 2 else [1 / len(states)] * len(states)
-    return weighted_average(aligned, weights), perms
+    if len(states) > 2:
+        return average_states(aligned), perms
+    return weighted_average(aligned, [1 - cfg.alpha, cfg.alpha]), perms
