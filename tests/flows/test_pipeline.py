@@ -8,8 +8,6 @@ latency columns of metrics/summary.csv and the rendered reports) are compared wi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,28 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def make_workspace(root: Path, preset: str = "tiny") -> Path:
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, root / name)
-    for pkg in ("slimforge", "tasks", "kernels"):  # dvc.yaml's code deps
-        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "params", root / "params")
-    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
-    subprocess.run([BIN / "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
-    return root
-
-
-def cli_env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PREFECT_HOME"] = str(tmp / "prefect-home")
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    env.pop("PREFECT_API_URL", None)
-    env.pop("SLIMFORGE_WORKSPACE", None)
-    return env
-
-
 STAGES = ["ingest", "select", "train", "finetune", "prune", "quantize", "merge"]
 TIMED = {"latency_ms_b1", "latency_ms_b256"}
 
@@ -57,7 +33,7 @@ def _run(cmd, cwd, env):
 
 
 @pytest.fixture(scope="module")
-def two_ways(e2e_root):
+def two_ways(e2e_root, make_workspace, cli_env):
     env = cli_env(e2e_root)
     via_dvc = make_workspace(e2e_root / "dvc")
     _run([BIN / "slimforge", "validate", "params/tiny.yaml"], via_dvc, env)
@@ -112,7 +88,7 @@ def test_second_run_runs_no_stage(two_ways):
     assert log.count("unchanged, skipped") == len(STAGES) + 1
 
 
-def test_dvc_repro_after_the_flow_has_nothing_to_do(two_ways):
+def test_dvc_repro_after_the_flow_has_nothing_to_do(two_ways, cli_env):
     _, via_flow, *_ = two_ways
     proc = _run([BIN / "dvc", "status"], via_flow, cli_env(via_flow.parent))
     assert "up to date" in proc.stdout, proc.stdout
