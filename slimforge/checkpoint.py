@@ -125,11 +125,13 @@ def load_multihead(directory: Path) -> dict[str, Classifier]:
     return models
 
 
-def load_any(directory: Path):
-    """A dense model, or a packed quantized one executed by the real low-bit kernels."""
+def load_any(directory: Path, device: torch.device | str = "cpu"):
+    """A dense model, or a packed quantized one executed by the real low-bit kernels, on ``device``
+    (a packed model is built there: its execution modules depend on the device)."""
     meta = read_meta(directory)
     if meta.get("format") == "packed":
         from tasks.quantize import load_packed_artifact  # the quantize stage owns the packed layout
 
-        return load_packed_artifact(Path(directory), build_from_spec(meta["model"]), meta.get("kernel", "auto"))
-    return load_model(directory)
+        model = build_from_spec(meta["model"]).to(device)
+        return load_packed_artifact(Path(directory), model, meta.get("kernel", "auto"))
+    return load_model(directory).to(device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.evaluate.promotion import PromotionConfig
@@ -16,4 +18,6 @@ class EvaluateConfig(BaseModel):
     bootstrap: int = Field(default=2000, ge=100, description="bootstrap resamples of the accuracy intervals")
     promotion: PromotionConfig = Field(default_factory=lambda: PromotionConfig(enabled=False),
                                        description="the rule deciding whether this run's model becomes the champion")
+    gpu: Literal["auto", "off"] = Field(default="auto", description="auto: when CUDA is available, also time "
+                                        "every artifact on the GPU (gpu_latency_ms_b1/_b256, gpu_peak_memory_bytes)")
     seed: int = 0

@@ -46,6 +46,10 @@ SUMMARY_SCHEMA = pa.DataFrameSchema(
         "accuracy_high": pa.Column(float, _unit, required=False),
         "flops": pa.Column(int, pa.Check.ge(0), required=False),  # forward FLOPs per example
         "peak_memory_bytes": pa.Column(int, pa.Check.ge(0), required=False),  # one forward at batch 256
+        # on the GPU, when one was present (evaluate.gpu: auto)
+        "gpu_latency_ms_b1": pa.Column(float, _positive, required=False),
+        "gpu_latency_ms_b256": pa.Column(float, _positive, required=False),
+        "gpu_peak_memory_bytes": pa.Column(int, pa.Check.ge(0), required=False),
     },
     unique=["artifact", "evaluated_on"],
     strict=True,

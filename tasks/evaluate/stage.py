@@ -18,6 +18,7 @@ from the meta.json hashes and flags parents that changed since (``lineage.py``).
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,8 +55,9 @@ class Harness:
     """Measures models on the test split and keeps, beside each summary row, the per-example
     correctness the paired comparisons need, keyed by (artifact, evaluated_on)."""
 
-    def __init__(self, cfg, x, y, num_classes: int):
+    def __init__(self, cfg, x, y, num_classes: int, accelerator: torch.device | None = None):
         self.cfg, self.x, self.y, self.k = cfg, x, y, num_classes
+        self.accelerator = accelerator  # where the gpu_* columns are measured; None: not measured
         self.rows: list[dict] = []
         self.correct: dict[tuple[str, str], np.ndarray] = {}
         self.per_class: list[dict] = []
@@ -82,12 +84,27 @@ class Harness:
                "sparsity": sparsity(model), "bits": bits_per_parameter(size, n), "params": n,
                "latency_ms_b1": time(b1), "latency_ms_b256": time(b256), "accuracy_low": low, "accuracy_high": high,
                "flops": flops_per_example(model, shape),
-               "peak_memory_bytes": peak_memory_bytes(model, shape, b256, torch.Generator().manual_seed(cfg.seed))}
+               "peak_memory_bytes": peak_memory_bytes(model, shape, b256, torch.Generator().manual_seed(cfg.seed)),
+               **self.on_accelerator(model, directory)}
         self.rows.append(row)
         self.correct[(artifact, evaluated_on)] = correct
         self.per_class.append({"artifact": artifact, "evaluated_on": evaluated_on,
                                **{f"class_{c}": a for c, a in enumerate(m["per_class_accuracy"])}})
         return row
+
+    def on_accelerator(self, model, directory: Path) -> dict:
+        """The gpu_* columns: latency and peak memory of the model on the accelerator. A packed model
+        is loaded again there (its execution modules are chosen per device); a dense one is copied."""
+        if self.accelerator is None:
+            return {}
+        cfg, shape = self.cfg, tuple(self.x.shape[1:])
+        packed = any(getattr(m, "is_packed", False) for m in model.modules())
+        on = load_any(directory, self.accelerator) if packed else copy.deepcopy(model).to(self.accelerator)
+        g = lambda: torch.Generator().manual_seed(cfg.seed)
+        b1, b256 = cfg.latency_batches
+        return {"gpu_latency_ms_b1": latency_ms(on, shape, b1, cfg.latency_repeats, cfg.latency_warmup, g()),
+                "gpu_latency_ms_b256": latency_ms(on, shape, b256, cfg.latency_repeats, cfg.latency_warmup, g()),
+                "gpu_peak_memory_bytes": peak_memory_bytes(on, shape, b256, g())}
 
     def add_tasks(self, artifact: str, directory: Path, models: dict, tasks: dict) -> None:
         """One row per task plus the tasks-mean row (latency and size from the first task).
@@ -109,7 +126,7 @@ class Harness:
 def run(params, ws, fanout=None) -> dict:
     cfg = params.evaluate
     ds = load_dataset(ws.artifact("ingest"))
-    h = Harness(cfg, *ds.part("test"), ds.num_classes)
+    h = Harness(cfg, *ds.part("test"), ds.num_classes, accelerator(cfg.gpu))
     for artifact, directory in [("train", ws.artifact("train")), *_seed_runs(ws), *_baselines(ws, "train"),
                                 ("prune", ws.artifact("prune")), *_baselines(ws, "prune"),
                                 *[(f"quantize/{p.name}", p) for p in sorted(ws.artifact("quantize").iterdir())]]:
@@ -136,6 +153,11 @@ def run(params, ws, fanout=None) -> dict:
                                   for r in comparisons.itertuples()},
             "promotion": {k: promotion[k] for k in ("promote", "reason")},
             "stale_lineage_edges": len(lineage.stale())}
+
+
+def accelerator(setting: str) -> torch.device | None:
+    """The GPU the gpu_* columns are measured on: the current CUDA device under ``auto``."""
+    return torch.device("cuda") if setting == "auto" and torch.cuda.is_available() else None
 
 
 def _pairs(ws, merged: str | None, task_dirs, tasks: dict, h: Harness) -> list[tuple[str, str, str, str]]:
