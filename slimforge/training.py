@@ -7,7 +7,9 @@ linear decay to zero (the default, "Straight to Zero: Why Linearly Decaying the 
 Rate to Zero Works Best", Bergsma et al. 2025), cosine or constant. Data order comes from an
 explicit generator: one permutation per epoch, over all of ``x`` or, with an ``EpochPlan``
 (RS2, importance sampling), over that epoch's row of the plan. With ``checkpoint`` the loop writes exact-resume
-checkpoints (``slimforge.resume``) and continues from the newest one it finds.
+checkpoints (``slimforge.resume``) and continues from the newest one it finds. With a ``Shard``
+the loop is one rank of a data-parallel run (torch DistributedDataParallel,
+``tasks.train.distributed``): every rank walks the same global batches and trains on its part.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from slimforge.data import batches
 from slimforge.optim import Lion, lr_factor
 from slimforge.resume import Checkpointing, Position, load_latest, restore, save_checkpoint
 
-__all__ = ["Checkpointing", "EpochPlan", "FitConfig", "accuracy", "fit", "lr_factor", "make_optimizer"]
+__all__ = ["Checkpointing", "EpochPlan", "FitConfig", "Shard", "accuracy", "fit", "lr_factor", "make_optimizer"]
 
 # Fields that say how a run is saved, not what it computes (left out of resume fingerprints).
 CHECKPOINT_FIELDS = frozenset({"checkpoint_every", "keep_checkpoints"})
@@ -66,6 +68,31 @@ class EpochPlan:
 
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]  # (B, ...) batch, generator -> augmented batch
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel run of ``fit`` (one rank of torch DDP).
+
+    Every rank draws the same permutation from its own copy of the generator, so all see
+    the same global batches; each trains on its contiguous ``rows`` of every batch. ``forward``
+    is the DistributedDataParallel wrapper of the model given to ``fit`` (its backward
+    averages gradients over ranks); ``sum_across`` sums a scalar over all ranks; ``device`` is
+    where the model lives (the data stay on the CPU, as in a single-process run).
+    """
+
+    forward: nn.Module
+    rank: int
+    world: int
+    sum_across: Callable[[Tensor], Tensor]
+    device: torch.device
+
+    def rows(self, n: int) -> slice:
+        """This rank's rows of a batch of ``n``: equal contiguous parts, the first ``n % world``
+        one longer (as torch.tensor_split), so a short last batch is still covered whole."""
+        q, r = divmod(n, self.world)
+        lo = self.rank * q + min(self.rank, r)
+        return slice(lo, lo + q + (self.rank < r))
 
 
 def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -116,6 +143,7 @@ def fit(
     checkpoint: Checkpointing | None = None,
     plan: EpochPlan | None = None,
     augment: Augment | None = None,
+    shard: Shard | None = None,
 ) -> list[float]:
     """Train ``model`` on (x, y) in place; returns the mean loss of each epoch.
 
@@ -124,7 +152,9 @@ def fit(
     the start and after every step, before ``after_step``. With ``checkpoint``, a run found
     in its directory is continued where it stopped, to bit-identical weights on CPU. With
     ``plan`` each epoch sees only its row of the plan, so the schedule runs over the reduced
-    step count; ``augment`` transforms each batch with draws from ``generator``.
+    step count; ``augment`` transforms each batch with draws from ``generator``. With ``shard``
+    this is one rank of a DDP run: each step's gradient is the mean over the global batch,
+    the history is the global loss, and only rank 0 writes checkpoints and shows progress.
     """
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
@@ -143,12 +173,13 @@ def fit(
         hold.optimizer = opt
         hold.apply()
     model.train()
-    with progress_bar(label, total) as (bar, task):
+    writer = shard is None or shard.rank == 0  # DDP ranks hold identical weights; one writes
+    with progress_bar(label, total, show=writer) as (bar, task):
         bar.update(task, completed=pos.step)
         while pos.epoch < cfg.epochs:
             for idx in _epoch_batches(per_epoch, cfg.batch_size, generator, pos):
                 _set_lr(opt, cfg.lr * lr_factor(cfg.schedule, pos.step, total, cfg.warmup_steps))
-                loss = _batch_loss(model, x, y, idx, pos.epoch, plan, augment, generator)
+                loss = _batch_loss(model, x, y, idx, pos.epoch, plan, augment, generator, shard)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -156,27 +187,53 @@ def fit(
                     hold.apply()
                 if after_step is not None:
                     after_step(model)
-                _advance(pos, loss.item() * len(idx), steps_per_epoch, per_epoch, generator)
+                _advance(pos, _summed_loss(loss, len(idx), shard), steps_per_epoch, per_epoch, generator)
                 bar.update(task, advance=1)
                 if pos.batch == 0:
                     bar.update(task, description=f"{label} epoch {pos.epoch}/{cfg.epochs} loss {pos.history[-1]:.3f}")
-                if checkpoint is not None and checkpoint.due(pos.step, total):
+                if checkpoint is not None and writer and checkpoint.due(pos.step, total):
                     _save(checkpoint, pos, model, opt, generator, cfg, total, fingerprint)
     model.eval()
     return list(pos.history)
 
 
 def _batch_loss(model: nn.Module, x: Tensor, y: Tensor, idx: Tensor, epoch: int, plan: EpochPlan | None,
-                augment: Augment | None, generator: torch.Generator) -> Tensor:
+                augment: Augment | None, generator: torch.Generator, shard: Shard | None = None) -> Tensor:
     """Mean (or, with plan weights, importance-weighted mean) cross-entropy of one batch."""
     weights = None
     if plan is not None:
         row = epoch % plan.indices.shape[0]
         idx, weights = plan.indices[row][idx], None if plan.weights is None else plan.weights[row][idx]
+    if shard is not None:
+        return _shard_loss(shard, x, y, idx, weights, augment, generator)
     xb = x[idx] if augment is None else augment(x[idx], generator)
     if weights is None:
         return F.cross_entropy(model(xb), y[idx])
     return (F.cross_entropy(model(xb), y[idx], reduction="none") * weights).mean()
+
+
+def _shard_loss(shard: Shard, x: Tensor, y: Tensor, idx: Tensor, weights: Tensor | None,
+                augment: Augment | None, generator: torch.Generator) -> Tensor:
+    """This rank's share of the global batch's loss, scaled so that DDP's gradient average
+    over ranks is the gradient of the global batch mean: world · Σ_rows loss / len(idx).
+    Dividing by the global count (not this rank's) keeps a short last batch, split unevenly,
+    exact."""
+    rows = shard.rows(len(idx))
+    # augment draws from the generator per example of the batch it is given: every rank
+    # augments the whole global batch so its generator stays in step with a single-process run
+    xb = x[idx[rows]] if augment is None else augment(x[idx], generator)[rows]
+    losses = F.cross_entropy(shard.forward(xb.to(shard.device)), y[idx[rows]].to(shard.device), reduction="none")
+    if weights is not None:
+        losses = losses * weights[rows].to(shard.device)
+    return losses.sum() * (shard.world / len(idx))
+
+
+def _summed_loss(loss: Tensor, n: int, shard: Shard | None) -> float:
+    """The batch's loss summed over its ``n`` examples (the history's numerator); on a shard,
+    over every rank's part."""
+    if shard is None:
+        return loss.item() * n
+    return shard.sum_across(loss.detach().clone()).item() * n / shard.world
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -227,9 +284,10 @@ class _NoBar:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, total: int):
-    """A rich progress bar, or a silent stand-in when another thread already shows one."""
-    if not _LIVE.acquire(blocking=False):
+def progress_bar(label: str, total: int, show: bool = True):
+    """A rich progress bar, or a silent stand-in when another thread already shows one (or
+    ``show`` is False)."""
+    if not show or not _LIVE.acquire(blocking=False):
         yield _NoBar(), None
         return
     try:

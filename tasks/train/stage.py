@@ -5,6 +5,10 @@ With ``train.checkpoint_every`` > 0 the run checkpoints into ``runs/train/<key>/
 again, continues from its newest checkpoint to the same weights. ``<key>`` hashes the train
 config, the input artifacts and the code, so a changed run never resumes a stale one. The
 checkpoints stay after success: ``train.init: rewind`` reads them.
+
+With ``train.distributed`` over more than one process each run trains as a torch DDP run
+launched with torchrun (``tasks.train.distributed``); meta.json records its world size and
+backend.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from slimforge.artifacts import atomic_dir, content_hash
 from slimforge.checkpoint import build_from_spec, model_spec, save_model
 from slimforge.config import ParamsError
 from slimforge.data import load_dataset
-from slimforge.training import CHECKPOINT_FIELDS, Checkpointing, MaskHold, accuracy, fit
+from slimforge.training import CHECKPOINT_FIELDS, Checkpointing, EpochPlan, MaskHold, accuracy, fit
 from tasks.select.dsa import batch_augment
 from tasks.select.output import TrainingSet, training_set
+from tasks.train.distributed import check_distributed, fit_distributed
 from tasks.train.init import initialize
 
 
@@ -41,15 +46,30 @@ def _train_one(params, ws, data: TrainingSet, spec, seed: int):
     g = torch.Generator().manual_seed(seed)
     model = build_from_spec(spec)
     masks = initialize(model, cfg.init, g, root=ws.root)
-    extra, checkpoint = {}, None
+    extra, checkpoint = _distributed_meta(cfg), None
     if cfg.checkpoint_every > 0:
         runs = Path("runs", "train", run_key(cfg, _parents(ws)), f"seed-{seed}")  # workspace-relative
         checkpoint = Checkpointing(ws.root / runs, cfg.checkpoint_every, cfg.keep_checkpoints)
-        extra = {"checkpoints": runs.as_posix()}
-    history = fit(model, data.x, data.y, cfg.fit_config(), g, hold=MaskHold(model, masks) if masks else None,
-                  label=f"train seed {seed}", checkpoint=checkpoint, plan=data.plan,
-                  augment=batch_augment() if cfg.augment == "dsa" else None)
+        extra["checkpoints"] = runs.as_posix()
+    history = _fit(cfg, spec, model, data.x, data.y, g, masks, label=f"train seed {seed}", checkpoint=checkpoint,
+                   plan=data.plan)
     return model, history, extra
+
+
+def _fit(cfg, spec, model, x, y, g, masks, *, label: str, checkpoint: Checkpointing | None = None,
+         plan: EpochPlan | None = None) -> list[float]:
+    """``fit`` in this process, or as a DDP run when ``train.distributed`` spans several."""
+    if cfg.distributed.world_size > 1:
+        return fit_distributed(spec, model, x, y, cfg.fit_config(), g, cfg.distributed, masks=masks, plan=plan,
+                               augment=cfg.augment, label=label, checkpoint=checkpoint)
+    return fit(model, x, y, cfg.fit_config(), g, hold=MaskHold(model, masks) if masks else None, label=label,
+               checkpoint=checkpoint, plan=plan, augment=batch_augment() if cfg.augment == "dsa" else None)
+
+
+def _distributed_meta(cfg) -> dict:
+    if cfg.distributed.world_size == 1:
+        return {}
+    return {"distributed": {"world_size": cfg.distributed.world_size, "backend": cfg.distributed.resolved_backend()}}
 
 
 def _parents(ws) -> dict[str, Path]:
@@ -72,6 +92,11 @@ def run(params, ws, fanout=None) -> dict:
     if cfg.augment == "dsa" and ds.x.dim() != 4:
         raise ParamsError(f"params.yaml: train.augment: 'dsa' needs image inputs (N, C, H, W); "
                           f"this dataset's are {tuple(ds.x.shape[1:])}, use 'none'")
+    if cfg.distributed.world_size > 1:
+        try:  # before any training: a machine without the GPUs asked for
+            check_distributed(cfg.distributed, cfg.batch_size)
+        except ValueError as e:
+            raise ParamsError(f"params.yaml: {e}") from None
     spec = model_spec(cfg.model, ds.input_shape, ds.num_classes)
     seeds = [cfg.seed, *cfg.seeds]
     results = (fanout or _serial)(lambda seed: _train_one(params, ws, data, spec, seed), seeds)
@@ -86,7 +111,8 @@ def run(params, ws, fanout=None) -> dict:
         if baseline is not None:
             (d / BASELINE).mkdir()
             save_model(d / BASELINE, baseline.state_dict(), spec, root=ws.root, stage="train", method="random_subset",
-                       config=cfg.model_dump(mode="json"), seed=cfg.seed, parents=_parents(ws))
+                       config=cfg.model_dump(mode="json"), seed=cfg.seed, parents=_parents(ws),
+                       extra=_distributed_meta(cfg))
     if baseline is not None:
         val["random_baseline"] = accuracy(baseline, *ds.part("val"))
     metrics = {"train_examples": len(data.y), "training_set": data.kind, "final_train_loss": round(results[0][1][-1], 6),
@@ -127,6 +153,5 @@ def _random_baseline(params, ws, ds, data: TrainingSet, spec):
     g = torch.Generator().manual_seed(cfg.seed)  # the main run's init and batch order
     model = build_from_spec(spec)
     masks = initialize(model, cfg.init, g, root=ws.root)
-    fit(model, x[ids], y[ids], cfg.fit_config(), g, hold=MaskHold(model, masks) if masks else None,
-        label="train random baseline", augment=batch_augment() if cfg.augment == "dsa" else None)
+    _fit(cfg, spec, model, x[ids], y[ids], g, masks, label="train random baseline")
     return model
