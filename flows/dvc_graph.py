@@ -7,7 +7,7 @@ order, asks DVC whether each stage changed, and after running a stage records it
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import networkx as nx
@@ -16,13 +16,16 @@ from dvc.repo import Repo
 
 @contextmanager
 def open_repo(root: Path):
-    """The DVC repo at ``root``, locked for the duration (a second run waits or fails clearly)."""
-    repo = Repo(str(root))
-    try:
-        with repo.lock:
-            yield repo
-    finally:
-        repo.close()
+    """The DVC repo at ``root``, locked for the duration (a second run waits or fails clearly).
+    The process works inside ``root`` meanwhile: DVC resolves a stage's paths against the current
+    directory and refuses one outside the repo, so a workspace given by path must also be the cwd."""
+    with chdir(root):
+        repo = Repo(str(root))
+        try:
+            with repo.lock:
+                yield repo
+        finally:
+            repo.close()
 
 
 def pipeline_stages(repo: Repo, until: str | None = None) -> list:

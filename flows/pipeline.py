@@ -3,44 +3,46 @@
 Orchestration only: validate params, write them to params.yaml, then for each stage DVC
 reports as changed run it as a Prefect task and record it in dvc.lock. Unchanged stages
 are skipped, exactly as ``dvc repro`` skips them.
+
+The stages run in a sub-flow whose task runner ``params.orchestrate`` picks (flows/runners.py):
+a flow's runner is fixed when it starts, and the choice is only known once params are read.
+Fan-out stages map their items through that runner: threads here, or Dask workers.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.dvc_graph import before_run, open_repo, pipeline_stages, record_run, stage_changed
+from flows.runners import PrefectFanout, api_for_workers, task_runner, worker_torch_threads
 from slimforge.artifacts import write_json_atomic
-from slimforge.config import dump_params, load_params
-from slimforge.stages import run_stage
+from slimforge.config import Params, dump_params, load_params
+from slimforge.stages import STAGE_NAMES, run_stage
 from slimforge.workspace import Workspace
 from tasks.evaluate.schema import read_summary, validate_comparisons
 
-
-@task(cache_policy=NO_CACHE, task_run_name="fan-out item {item}")
-def _fanout_item(fn, item):
-    return fn(item)
-
-
-def prefect_fanout(fn, items: list) -> list:
-    """Fan ``fn`` out over ``items`` through Prefect's task runner."""
-    return [f.result() for f in _fanout_item.map(unmapped(fn), items)]
+# A Literal, so the Prefect UI's run form offers the stages as a dropdown.
+StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{name}")
-def stage_task(name: str, root: str) -> dict:
-    return run_stage(name, Workspace(Path(root)), fanout=prefect_fanout)
+def stage_task(name: str, root: str, torch_threads: int | None = None) -> list[dict]:
+    """Run one stage; returns where its fan-out items ran (empty for a stage without one)."""
+    fanout = PrefectFanout(torch_threads)
+    run_stage(name, Workspace(Path(root)), fanout=fanout)
+    return fanout.placements
 
 
-def write_params(ws: Workspace, params_file: Path, overrides: list[str]) -> None:
-    """Validate first; write params.yaml only when the resolved params differ."""
-    text = dump_params(load_params(params_file, overrides))
+def write_params(ws: Workspace, params: Params) -> None:
+    """Write params.yaml only when the resolved params differ (DVC compares its sections)."""
+    text = dump_params(params)
     if not ws.params.exists() or ws.params.read_text() != text:
         tmp = ws.params.with_suffix(".yaml.tmp")
         tmp.write_text(text)
@@ -49,13 +51,36 @@ def write_params(ws: Workspace, params_file: Path, overrides: list[str]) -> None
 
 @flow(name="slimforge-pipeline", log_prints=True)
 def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None,
-             until: str | None = None, workspace: str = ".") -> dict:
-    """Run the dvc.yaml pipeline in ``workspace``; returns per-stage seconds (0 = skipped)."""
-    log = get_run_logger()
+             until: StageName | None = None, workspace: str = ".") -> dict:
+    """Run the dvc.yaml pipeline in ``workspace``; returns per-stage seconds (0 = skipped).
+
+    Args:
+        params_file: the experiment (a preset in params/ or params.yaml), relative to the workspace.
+        overrides: key.path=value items, e.g. ``train.epochs=3``.
+        until: stop after this stage (it and the stages it depends on).
+        workspace: the directory holding dvc.yaml.
+    """
     ws = Workspace(Path(workspace).resolve())
-    write_params(ws, Path(params_file), list(overrides or []))
+    params = load_params(ws.root / params_file, list(overrides or []))  # an absolute path stays as it is
+    orchestrate = params.orchestrate
+    runner = task_runner(orchestrate, params_file)  # a dead scheduler fails here, params.yaml untouched
+    write_params(ws, params)
+    with api_for_workers(orchestrate):
+        timings, placements = run_stages.with_options(task_runner=runner)(
+            str(ws.root), until, worker_torch_threads(orchestrate))
+    write_json_atomic(ws.root / "runs" / "timings.json", timings)
+    write_json_atomic(ws.root / "runs" / "fanout.json", placements)
+    publish_summary(ws)
+    return timings
+
+
+@flow(name="slimforge-stages", log_prints=True)
+def run_stages(root: str, until: str | None = None, torch_threads: int | None = None) -> tuple[dict, dict]:
+    """The changed stages, in order: (seconds per stage, where each fan-out item ran)."""
+    log = get_run_logger()
     timings: dict[str, float] = {}
-    with open_repo(ws.root) as repo:
+    placements: dict[str, list[dict]] = {}
+    with open_repo(Path(root)) as repo:
         stages = pipeline_stages(repo, until)
         for i, stage in enumerate(stages, 1):
             if not stage_changed(stage):
@@ -65,13 +90,14 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
             log.info("[%d/%d] %s: running", i, len(stages), stage.name)
             start = time.perf_counter()
             before_run(stage)
-            stage_task(stage.name, str(ws.root))
+            if ran := stage_task(stage.name, root, torch_threads):
+                placements[stage.name] = ran
+                log.info("%s: %d fan-out items in %d processes", stage.name, len(ran),
+                         len({(p["host"], p["pid"]) for p in ran}))
             record_run(stage)
             timings[stage.name] = round(time.perf_counter() - start, 2)
             log.info("[%d/%d] %s: done in %.1f s", i, len(stages), stage.name, timings[stage.name])
-    write_json_atomic(ws.root / "runs" / "timings.json", timings)
-    publish_summary(ws)
-    return timings
+    return timings, placements
 
 
 def publish_summary(ws: Workspace) -> None:

@@ -47,7 +47,7 @@ def retrain(params_file: str = "params/default.yaml", data_uri: str | None = Non
     """
     log = get_run_logger()
     root = Path(workspace).resolve()
-    params_path = root / params_file if not Path(params_file).is_absolute() else Path(params_file)
+    params_path = root / params_file  # an absolute path stays as it is
     if not load_params(params_path).evaluate.promotion.enabled:
         raise ParamsError(f"{params_file}: evaluate.promotion is disabled; retraining needs the gate "
                           "(set evaluate.promotion: {artifact: ..., max_accuracy_drop: ...})")

@@ -1,4 +1,5 @@
-"""The params schema: one section per stage, validated before any stage runs.
+"""The params schema: one section per stage, plus ``orchestrate`` (where the flow runs
+fan-outs), validated before any stage runs.
 
 ``load_params`` is the one function that reads a params YAML file. Every error names the
 file, the key path, the value and what would be valid, e.g.
@@ -8,10 +9,11 @@ file, the key path, the value and what would be valid, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.evaluate.config import EvaluateConfig
 from tasks.finetune.config import FinetuneConfig
@@ -29,6 +31,43 @@ from tasks.train.config import TrainConfig
 from tasks.train.init_config import INIT_SCHEMES
 
 
+class OrchestrateConfig(BaseModel):
+    """Where the Prefect flow runs fan-out items (per-task fine-tunes, seed sweeps).
+
+    Not a stage's params: no dvc.yaml stage lists this section, because where an item runs
+    does not change what it computes, so switching runners reruns nothing. ``dvc repro``
+    ignores it (its stages fan out serially in one process).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="local: threads of the flow's process; dask: a Dask cluster via prefect-dask")
+    # The rest matter only for dask; a local run ignores them, so switching runners is one key.
+    dask_address: str | None = Field(
+        None, description="tcp://host:port of a running Dask scheduler; null starts a LocalCluster per run")
+    n_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1, description="fan-out items one LocalCluster worker runs at once")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads in each Dask worker; null = as many as the flow's "
+                                "process uses, which keeps weights bit-identical to the local runner's")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, address: str | None) -> str | None:
+        if address is None:
+            return None
+        parts = urlsplit(address)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("tcp", "tls") or not parts.hostname or port is None or parts.path not in ("", "/"):
+            raise ValueError("expected tcp://host:port (or tls://host:port) of a running Dask scheduler, "
+                             "or null for a LocalCluster")
+        return address
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +79,7 @@ class Params(BaseModel):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     merge: MergeConfig = Field(default_factory=TaskVectorMerge)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    orchestrate: OrchestrateConfig = Field(default_factory=OrchestrateConfig)
 
 
 class ParamsError(ValueError):
@@ -107,5 +147,11 @@ def load_params(path: Path, overrides: list[str] = ()) -> Params:
 
 
 def dump_params(params: Params) -> str:
-    """The fully resolved params as YAML (what params.yaml holds for DVC)."""
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved params as YAML (what params.yaml holds for DVC).
+
+    ``orchestrate`` is left out while it holds its defaults, so an experiment's params.yaml
+    reads the same as before the section existed.
+    """
+    default_runner = params.orchestrate == OrchestrateConfig()
+    raw = params.model_dump(mode="json", exclude={"orchestrate"} if default_runner else None)
+    return yaml.safe_dump(raw, sort_keys=False)
