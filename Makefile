@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= INFO
 
-.PHONY: install browser run test repro report clean
+.PHONY: install browser run test repro report clean serve serve-stop
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ repro: install
 
 report: install
 	slimforge report
+
+## Start the local stack on 127.0.0.1: Prefect server (:4200), a process worker on pool
+## slimforge-process, SeaweedFS S3 (:8333) as the DVC default remote; state and logs in .serve/.
+serve: install
+	bash infra/serve.sh start
+
+## Stop what `make serve` started (and nothing else).
+serve-stop:
+	bash infra/serve.sh stop
 
 clean:
 	rm -rf artifacts reports runs .dvc/cache .dvc/tmp

@@ -26,6 +26,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from flows.pipeline import pipeline
+from slimforge import remote
 from slimforge.artifacts import write_json_atomic
 from slimforge.config import ParamsError, load_params
 
@@ -117,13 +118,13 @@ def _append(path: Path, record: dict) -> None:
 
 
 def _push(root: Path) -> int | None:
-    """Files pushed to the default DVC remote; None when the workspace has none."""
-    from slimforge import remote
-
+    """Objects pushed to the default DVC remote; None when the workspace has none."""
     if not remote.has_remote(root):
         get_run_logger().info("no default DVC remote configured: artifacts not pushed")
         return None
-    return remote.push(root)
+    summary = remote.push(root)
+    get_run_logger().info("%s", summary)  # RemoteError and the summary are already scrubbed of secrets
+    return summary.files
 
 
 def _markdown(record: dict) -> str:

@@ -1,4 +1,4 @@
-"""The slimforge command line: run, stage, validate, report."""
+"""The slimforge command line: run, stage, validate, report, remote add, push, pull."""
 
 from __future__ import annotations
 
@@ -41,9 +41,13 @@ def run(
     # Prefect's 20 s wait for its ephemeral API is too short on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.pipeline import pipeline
+    from flows.runners import SchedulerUnreachable
 
-    timings = pipeline(params_file=str(params), overrides=list(set_), until=until,
-                       workspace=str(Workspace.current().root))
+    try:  # the params file as this shell names it, whichever directory is the workspace
+        timings = pipeline(params_file=str(params.resolve()), overrides=list(set_), until=until,
+                           workspace=str(Workspace.current().root))
+    except SchedulerUnreachable as e:
+        _fail(str(e))
     table = Table(title="seconds per stage (0 = skipped)", min_width=40)
     table.add_column("stage")
     table.add_column("seconds", justify="right")
@@ -92,6 +96,53 @@ def report(
         _fail(str(e), code=1)
     for p in paths:
         Console().print(str(p))
+
+
+remote_app = typer.Typer(help="The DVC remote on S3 (credentials from the environment or an AWS profile only).",
+                         no_args_is_help=True)
+app.add_typer(remote_app, name="remote")
+
+
+@remote_app.command("add")
+def remote_add(
+    url: str = typer.Argument(..., help="s3://bucket/prefix"),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)"),
+    name: str = typer.Option("storage", "--name", help="remote name"),
+    local: bool = typer.Option(False, "--local", help="write .dvc/config.local (this machine only) instead of .dvc/config"),
+) -> None:
+    """Configure the S3 remote and make it DVC's default."""
+    from slimforge.remote import RemoteError, configure_remote, scrub
+
+    try:
+        configure_remote(Workspace.current().root, url, endpoint_url, name=name, level="local" if local else "repo")
+    except RemoteError as e:
+        _fail(str(e))
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    typer.echo(scrub(f"remote {name!r}: {url}" + (f" at {endpoint_url}" if endpoint_url else "") + ", the default"))
+
+
+@app.command()
+def push() -> None:
+    """Push every DVC-tracked artifact to the default remote."""
+    from slimforge.remote import RemoteError
+    from slimforge.remote import push as push_artifacts
+
+    try:
+        typer.echo(str(push_artifacts(Workspace.current().root)))
+    except RemoteError as e:
+        _fail(str(e), code=1)
+
+
+@app.command()
+def pull() -> None:
+    """Pull every DVC-tracked artifact from the default remote into the workspace."""
+    from slimforge.remote import RemoteError
+    from slimforge.remote import pull as pull_artifacts
+
+    try:
+        typer.echo(str(pull_artifacts(Workspace.current().root)))
+    except RemoteError as e:
+        _fail(str(e), code=1)
 
 
 def main() -> None:  # pragma: no cover - console script entry
