@@ -11,7 +11,12 @@ from contextlib import chdir, contextmanager
 from pathlib import Path
 
 import networkx as nx
+from dvc.lock import LockError
 from dvc.repo import Repo
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another run (`slimforge run`, `dvc repro`, ...) holds the workspace's DVC lock."""
 
 
 @contextmanager
@@ -22,8 +27,16 @@ def open_repo(root: Path):
     with chdir(root):
         repo = Repo(str(root))
         try:
-            with repo.lock:
+            try:
+                repo.lock.lock()  # DVC retries for about 3 s, then gives up
+            except LockError:
+                raise WorkspaceBusy(f"workspace {root} is busy: another run (slimforge run, dvc repro) holds the "
+                                    f"DVC lock {Path(repo.tmp_dir) / 'lock'}; wait for it to finish, or remove "
+                                    "that file if no such process is running") from None
+            try:
                 yield repo
+            finally:
+                repo.lock.unlock()
         finally:
             repo.close()
 

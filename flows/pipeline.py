@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.dvc_graph import before_run, open_repo, pipeline_stages, record_run, stage_changed
 from flows.runners import PrefectFanout, api_for_workers, task_runner, worker_torch_threads
 from slimforge.artifacts import write_json_atomic
-from slimforge.config import Params, dump_params, load_params
+from slimforge.config import dump_params, load_params
 from slimforge.stages import STAGE_NAMES, run_stage
 from slimforge.workspace import Workspace
 from tasks.evaluate.schema import read_summary, validate_comparisons
@@ -40,9 +40,8 @@ def stage_task(name: str, root: str, torch_threads: int | None = None) -> list[d
     return fanout.placements
 
 
-def write_params(ws: Workspace, params: Params) -> None:
+def write_params(ws: Workspace, text: str) -> None:
     """Write params.yaml only when the resolved params differ (DVC compares its sections)."""
-    text = dump_params(params)
     if not ws.params.exists() or ws.params.read_text() != text:
         tmp = ws.params.with_suffix(".yaml.tmp")
         tmp.write_text(text)
@@ -64,10 +63,9 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
     params = load_params(ws.root / params_file, list(overrides or []))  # an absolute path stays as it is
     orchestrate = params.orchestrate
     runner = task_runner(orchestrate, params_file)  # a dead scheduler fails here, params.yaml untouched
-    write_params(ws, params)
     with api_for_workers(orchestrate):
         timings, placements = run_stages.with_options(task_runner=runner)(
-            str(ws.root), until, worker_torch_threads(orchestrate))
+            str(ws.root), dump_params(params), until, worker_torch_threads(orchestrate))
     write_json_atomic(ws.root / "runs" / "timings.json", timings)
     write_json_atomic(ws.root / "runs" / "fanout.json", placements)
     publish_summary(ws)
@@ -75,12 +73,16 @@ def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = Non
 
 
 @flow(name="slimforge-stages", log_prints=True)
-def run_stages(root: str, until: str | None = None, torch_threads: int | None = None) -> tuple[dict, dict]:
-    """The changed stages, in order: (seconds per stage, where each fan-out item ran)."""
+def run_stages(root: str, params_text: str, until: str | None = None,
+               torch_threads: int | None = None) -> tuple[dict, dict]:
+    """Under the workspace's lock, write params.yaml and run the changed stages in order:
+    (seconds per stage, where each fan-out item ran). A run refused because another holds the
+    lock has changed nothing, its params.yaml included."""
     log = get_run_logger()
     timings: dict[str, float] = {}
     placements: dict[str, list[dict]] = {}
     with open_repo(Path(root)) as repo:
+        write_params(Workspace(Path(root)), params_text)
         stages = pipeline_stages(repo, until)
         for i, stage in enumerate(stages, 1):
             if not stage_changed(stage):

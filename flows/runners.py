@@ -35,6 +35,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from slimforge.config import OrchestrateConfig
 
 CONNECT_TIMEOUT_S = 5.0
+LOOPBACK = "127.0.0.1"  # where a LocalCluster listens
 
 
 class SchedulerUnreachable(ConnectionError):
@@ -53,12 +54,18 @@ def task_runner(cfg: OrchestrateConfig, source: str = "params") -> TaskRunner:
         return DaskTaskRunner(address=cfg.dask_address,
                               client_kwargs={"timeout": f"{CONNECT_TIMEOUT_S}s"})
     # processes=True: torch holds the GIL in Python-level training loops; one process per
-    # worker is what a multi-machine cluster gives too. ":0": a free port for the dashboard,
-    # so two runs on one machine do not collide.
+    # worker is what a multi-machine cluster gives too. Scheduler, workers and dashboard listen
+    # on loopback only (a LocalCluster serves this machine; Dask's default is every interface,
+    # and its workers run whatever the scheduler sends). ":0": a free dashboard port, so two
+    # runs on one machine do not collide.
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": cfg.n_workers,
-                                          "threads_per_worker": cfg.threads_per_worker,
-                                          "processes": True, "dashboard_address": ":0"})
+                          cluster_kwargs=local_cluster_kwargs(cfg))
+
+
+def local_cluster_kwargs(cfg: OrchestrateConfig) -> dict:
+    """``distributed.LocalCluster`` arguments for a run without ``dask_address``: loopback only."""
+    return {"n_workers": cfg.n_workers, "threads_per_worker": cfg.threads_per_worker,
+            "processes": True, "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}
 
 
 def check_scheduler(address: str, source: str = "params", timeout: float = CONNECT_TIMEOUT_S) -> None:

@@ -8,6 +8,7 @@ artifact. Weights are safetensors only; nothing here unpickles.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -85,17 +86,22 @@ def code_files(stage: str | None = None) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``final``; rename it over ``final`` only on success."""
+    """Yield a temp directory beside ``final``; rename it over ``final`` only on success.
+
+    A process killed mid-stage (SIGKILL, OOM) leaves its temp directory behind; the next
+    atomic_dir for the same ``final`` removes those whose writer is gone.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    sweep_stale_temps(final)
+    tmp = _temp_path(final)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    trash = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if final.exists():
         os.replace(final, trash)
     os.replace(tmp, final)
@@ -105,9 +111,50 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    sweep_stale_temps(path)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temp_path(final: Path) -> Path:
+    """``.<name>.tmp-<pid>-<random>`` beside ``final``: hidden, and naming the process that writes it."""
+    return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def sweep_stale_temps(final: Path) -> list[Path]:
+    """Remove the temp/old siblings of ``final`` left by writers that no longer run; return them.
+
+    A sibling whose writer is still alive (another process writing the same output) is kept.
+    """
+    removed = []
+    final = Path(final)
+    if not final.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for p in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
+            pid = p.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -134,7 +181,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+        detail = " ".join(str(e).split())  # a forged header can put line breaks in the library's message
+        raise ArtifactError(f"{path}: not a readable safetensors file ({detail})") from None
 
 
 def write_meta(directory: Path, *, root: Path, stage: str, method: str, config: dict, seed: int | None,

@@ -80,7 +80,7 @@ def check_state(where: str | Path, expected: dict[str, Tensor], got: dict[str, T
             raise ArtifactError(f"{where}: tensor {name!r} has shape {tuple(got[name].shape)}, "
                                 f"the architecture expects {tuple(ref.shape)}")
         if got[name].is_floating_point() and not torch.isfinite(got[name]).all():
-            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf")
+            raise ArtifactError(f"{where}: tensor {name!r} contains NaN or Inf; expected finite weights")
 
 
 def load_model(directory: Path) -> Classifier:

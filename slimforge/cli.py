@@ -40,13 +40,14 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's 20 s wait for its ephemeral API is too short on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.dvc_graph import WorkspaceBusy
     from flows.pipeline import pipeline
     from flows.runners import SchedulerUnreachable
 
     try:  # the params file as this shell names it, whichever directory is the workspace
         timings = pipeline(params_file=str(params.resolve()), overrides=list(set_), until=until,
                            workspace=str(Workspace.current().root))
-    except SchedulerUnreachable as e:
+    except (SchedulerUnreachable, WorkspaceBusy) as e:
         _fail(str(e))
     table = Table(title="seconds per stage (0 = skipped)", min_width=40)
     table.add_column("stage")

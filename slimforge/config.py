@@ -89,11 +89,19 @@ class ParamsError(ValueError):
 def _format(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        loc = ".".join(_key(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f"{value!r} is not valid "
-        lines.append(f"{source}: {loc}: {shown}({e['msg']})")
+        msg = " ".join(str(e["msg"]).split())  # a validator's message may span lines; ours is one per problem
+        lines.append(f"{source}: {loc or '(top level)'}: {shown}({msg})")
     return "\n".join(lines)
+
+
+def _key(part) -> str:
+    """A key of the error path as written: quoted when it is empty or holds a line break or
+    other unprintable character, so each problem stays on its own line."""
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
 
 
 # Discriminated unions add the tag to the error location (select.random.keep_fraction);

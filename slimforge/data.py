@@ -52,6 +52,22 @@ def load_dataset(directory: Path) -> Dataset:
     return Dataset(x=t["x"], y=t["y"], split=t["split"], num_classes=int(meta["num_classes"]))
 
 
+def resolve_inside(root: Path, entry: str, source: str | Path) -> Path:
+    """The file that ``entry`` (a path listed in a manifest, or found in an image folder) names
+    under ``root``. An absolute entry, a ``..`` segment, or a symlink whose target lies outside
+    ``root`` raises a one-line ArtifactError naming ``source`` (the manifest or folder) and the
+    entry: a dataset must not read files it does not contain."""
+    root = Path(root).resolve()
+    if not entry or Path(entry).is_absolute() or ".." in Path(entry).parts or "\0" in entry:
+        raise ArtifactError(f"{source}: entry {entry!r} is not a relative path inside {root}; "
+                            "expected a path such as 'cat/0001.png' without '..'")
+    path = (root / entry).resolve()
+    if not path.is_relative_to(root):
+        raise ArtifactError(f"{source}: entry {entry!r} resolves to {path}, outside {root} "
+                            "(a symlink?); expected files inside the dataset's root")
+    return path
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator | None = None):
     """Index batches over n examples; shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)

@@ -30,6 +30,12 @@ _PATTERNS = (  # (pattern, replacement): key=value pairs, URL user info, signed-
     (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), "***"),
 )
 _CREDENTIAL_QUERY = re.compile(r"(?i)access|secret|token|signature|credential|password")
+# Retries and timeouts when neither the environment nor the remote's config sets them. botocore
+# retries each request (standard mode: exponential backoff with jitter) and s3fs retries a timed-out
+# or cut request up to 5 times more, so a silent store fails one object after at most about
+# 5 x MAX_ATTEMPTS x read_timeout seconds, never hangs.
+RETRY_MODE, MAX_ATTEMPTS = "standard", 4
+TIMEOUTS = {"connect_timeout": 5, "read_timeout": 30}  # seconds, per connection attempt / per socket read
 log = logging.getLogger(__name__)
 
 
@@ -184,8 +190,10 @@ def check_access(section: Mapping) -> None:
     where = f"{section['url']}" + (f" at {endpoint}" if endpoint else "")
     try:
         session = boto3.Session(profile_name=section.get("profile"), region_name=section.get("region"))
-        client = session.client("s3", endpoint_url=endpoint, config=BotoConfig(
-            retries={"max_attempts": 2}, connect_timeout=5, read_timeout=30))
+        timeouts = {k: int(section.get(k, v)) for k, v in TIMEOUTS.items()}
+        client = session.client("s3", endpoint_url=endpoint, config=BotoConfig(retries={
+            "mode": os.environ.get("AWS_RETRY_MODE", RETRY_MODE),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))}, **timeouts))
         client.list_objects_v2(Bucket=parts.netloc, Prefix=parts.path.lstrip("/"), MaxKeys=1)
     except bex.NoCredentialsError:
         raise RemoteError(f"{where}: no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
@@ -197,10 +205,15 @@ def check_access(section: Mapping) -> None:
         hint = {"SignatureDoesNotMatch": "; check AWS_SECRET_ACCESS_KEY",
                 "InvalidAccessKeyId": "; check AWS_ACCESS_KEY_ID",
                 "NoSuchBucket": f"; create bucket {parts.netloc!r} first"}.get(code, "")
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+            hint = " (still failing after retries; the object store is failing or overloaded, try again later)"
         raise RemoteError(scrub(f"{where}: {code}{hint}")) from None
-    except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as e:
+    except (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError) as e:
         raise RemoteError(f"{where}: cannot reach the endpoint ({_one_line(e)}); is the object store "
                           "running (`make serve`)?") from None
+    except bex.ReadTimeoutError:
+        raise RemoteError(f"{where}: no answer within read_timeout={timeouts['read_timeout']} s after retries; "
+                          "the object store is stalled or overloaded") from None
 
 
 _SCRUBBED_LOGGERS = ("dvc", "dvc_", "s3fs", "botocore", "aiobotocore", "boto3", "fsspec", "urllib3", "aiohttp")
@@ -229,12 +242,28 @@ def _scrubbed_records() -> Iterator[None]:
 
 
 @contextmanager
-def _dvc_call(root: Path | str, action: str) -> Iterator:
-    """An open dvc Repo whose errors become RemoteError."""
+def _retry_settings() -> Iterator[None]:
+    """AWS_RETRY_MODE / AWS_MAX_ATTEMPTS as botocore reads them when DVC's S3 session starts:
+    ours unless the environment sets them, and the environment restored afterwards."""
+    ours = {"AWS_RETRY_MODE": RETRY_MODE, "AWS_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
+    added = [var for var in ours if var not in os.environ]
+    os.environ.update({var: ours[var] for var in added})
+    try:
+        yield
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
+
+
+@contextmanager
+def _dvc_call(root: Path | str, action: str, name: str, section: Mapping, **remote_config) -> Iterator:
+    """An open dvc Repo whose errors become RemoteError; the remote gets TIMEOUTS where its config
+    sets none, and `remote_config` on top (for this call only: nothing is written)."""
     from dvc.repo import Repo
 
+    overrides = {k: v for k, v in TIMEOUTS.items() if k not in section} | remote_config
     try:
-        with Repo(str(root)) as repo:
+        with _retry_settings(), Repo(str(root), config={"remote": {name: overrides}}) as repo:
             yield repo
     except RemoteError:
         raise
@@ -247,7 +276,7 @@ def push(root: Path | str, remote: str | None = None, jobs: int | None = None) -
     name, section = _default_remote(root, remote)
     with _scrubbed_records():
         check_access(section)
-        with _dvc_call(root, "dvc push") as repo:
+        with _dvc_call(root, "dvc push", name, section) as repo:
             count = repo.push(remote=name, jobs=jobs)
     summary = TransferSummary("pushed", name, section["url"], count)
     log.info("%s", summary)
@@ -265,7 +294,7 @@ def pull(root: Path | str, remote: str | None = None, jobs: int | None = None) -
     name, section = _default_remote(root, remote)
     with _scrubbed_records():
         check_access(section)
-        with _dvc_call(root, "dvc pull") as repo:
+        with _dvc_call(root, "dvc pull", name, section, verify=True) as repo:  # md5 of every fetched object
             never_ran = {os.path.abspath(out.fs_path): out.def_path  # DVC reports paths relative to the cwd
                          for out in repo.index.outs if out.use_cache and not out.hash_info}
             try:
@@ -273,8 +302,9 @@ def pull(root: Path | str, remote: str | None = None, jobs: int | None = None) -
             except CheckoutError as e:
                 lost = sorted(p for p in e.result.get("failed", []) if os.path.abspath(p) not in never_ran)
                 if lost:
-                    raise RemoteError(f"dvc pull: {', '.join(lost)} in neither the cache nor remote {name!r} "
-                                      f"({section['url']}); push them from a checkout that has them") from None
+                    raise RemoteError(f"dvc pull: {', '.join(lost)} not restored: not in the cache, and missing or "
+                                      f"corrupt (md5 mismatch, discarded) on remote {name!r} ({section['url']}); "
+                                      "push them again from a checkout that has them") from None
                 result = e.result
     stats = result["stats"]
     summary = TransferSummary("pulled", name, section["url"], stats.get("fetched", 0),

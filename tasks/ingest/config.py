@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DATASETS = ("mnist5k", "digits", "mnist1d", "file")
 FILE_SUFFIXES = (".npz", ".parquet")
+VALID_LOCATIONS = "a plain local path (file) or s3://bucket/key (s3)"  # the only schemes read
 MAX_HELD_OUT = 0.9  # val + test must leave at least 10% of the data for training
 
 
@@ -54,15 +55,17 @@ def _check_path(path: str | None) -> None:
         raise ValueError("ingest.path is required when ingest.dataset is 'file': "
                          "a local .npz/.parquet path or an s3://bucket/key URI")
     parts = urlsplit(path)
+    if parts.scheme not in ("", "s3"):  # http:, ftp:, gs:, file:, data:, ...
+        raise ValueError(f"ingest.path {path!r}: scheme {parts.scheme!r} is not supported; "
+                         f"valid: {VALID_LOCATIONS}")
     if parts.scheme == "s3":
         if not parts.hostname or not parts.path.strip("/"):
             raise ValueError(f"ingest.path {path!r}: expected s3://bucket/key")
         if parts.username or parts.password or parts.query:
             raise ValueError("ingest.path: an s3:// URI must not carry credentials or a query; "
                              "credentials come from the environment or an AWS profile")
-    elif "://" in path:
-        raise ValueError(f"ingest.path {path!r}: scheme {parts.scheme!r} is not supported; "
-                         f"expected a local path or s3://bucket/key")
+    elif "://" in path:  # e.g. "//host/x.npz", which urlsplit reads as a host without a scheme
+        raise ValueError(f"ingest.path {path!r} is not a plain path; valid: {VALID_LOCATIONS}")
     if not path.lower().endswith(FILE_SUFFIXES):
         raise ValueError(f"ingest.path {path!r}: expected a file ending in "
                          f"{' or '.join(FILE_SUFFIXES)}")

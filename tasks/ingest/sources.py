@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import zipfile
@@ -126,18 +127,34 @@ def parse_npz(raw: bytes, source: str) -> Arrays:
         if "Object arrays" in str(e):
             raise ArtifactError(f"{source}: .npz holds an object array (ragged rows or mixed "
                                 f"types?); expected numeric arrays x and y") from None
-        raise ArtifactError(f"{source}: not a readable .npz file ({e})") from None
+        raise ArtifactError(f"{source}: not a readable .npz file ({_brief(e)})") from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
-        raise ArtifactError(f"{source}: not a readable .npz file ({e})") from None
+        raise ArtifactError(f"{source}: not a readable .npz file ({_brief(e)})") from None
     return _reshape(x, shape, source), y
+
+
+def _brief(err: object) -> str:
+    """An exception's text on one line (parquet errors quote whole schemas), at most 300 chars."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _shape_of(shape, source: str) -> tuple[int, ...]:
+    """A per-example shape given as a list (or 1-D array) of positive integers."""
+    values = shape.tolist() if isinstance(shape, np.ndarray) else shape
+    values = values if isinstance(values, list) else [values]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 2**31 for s in values):
+        raise ArtifactError(f"{source}: shape {_brief(values)[:80]} is not a list of positive "
+                            f"integers; expected the per-example shape, e.g. [1, 28, 28]")
+    return tuple(values)
 
 
 def _reshape(x: np.ndarray, shape, source: str) -> np.ndarray:
     """x (N, ...) -> (N, *shape) when a per-example shape is given."""
     if shape is None:
         return x
-    shape = tuple(int(s) for s in np.asarray(shape).ravel())
-    per_example = int(np.prod(shape)) if shape else 1
+    shape = _shape_of(shape, source)
+    per_example = math.prod(shape)
     n = x.shape[0] if x.ndim else 0
     if x.ndim == 0 or any(s <= 0 for s in shape) or x.size != n * per_example:
         have = x.size // n if n else 0
@@ -151,9 +168,17 @@ def parse_parquet(raw: bytes, source: str) -> Arrays:
     import pyarrow.parquet as pq
 
     try:
+        names = pq.read_schema(io.BytesIO(raw)).names
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ArtifactError(f"{source}: not a readable .parquet file ({_brief(e)})") from None
+    dup = next((c for c in names if names.count(c) > 1), None)
+    if dup is not None:  # read_table would fail on it with the whole schema in its message
+        raise ArtifactError(f"{source}: column {dup!r} appears {names.count(dup)} times; "
+                            f"expected unique column names")
+    try:
         table = pq.read_table(io.BytesIO(raw))
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise ArtifactError(f"{source}: not a readable .parquet file ({e})") from None
+        raise ArtifactError(f"{source}: not a readable .parquet file ({_brief(e)})") from None
     if "label" not in table.column_names:
         raise ArtifactError(f"{source}: no 'label' column (columns: {table.column_names}); "
                             f"expected 'label' plus a 'pixels' list column or feature columns")

@@ -1,13 +1,15 @@
 """Boundary checks on loaded arrays, and the seeded stratified subset / split.
 
-validate_arrays raises a one-line ValueError naming the source, what is wrong and what
-was expected, so a bad dataset is refused before anything is written. The subset and
-the split are stratified per class and drawn from explicit numpy generators.
+validate_arrays raises a one-line ArtifactError (a ValueError) naming the source, what is
+wrong and what was expected, so a bad dataset is refused before anything is written. The
+subset and the split are stratified per class and drawn from explicit numpy generators.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from slimforge.artifacts import ArtifactError
 
 SUBSET_STREAM = 1  # subset draws from default_rng([seed, 1]), independent of the split's stream
 MIN_PER_CLASS = 3  # enough for one train, one val and one test example of every class
@@ -21,30 +23,30 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, source: str) -> int:
     _check_x(np.asarray(x), source)
     y = _check_y(np.asarray(y), source)
     if len(x) != len(y):
-        raise ValueError(f"{source}: x has {len(x)} examples but y has {len(y)} labels; "
-                         f"expected one label per example")
+        raise ArtifactError(f"{source}: x has {len(x)} examples but y has {len(y)} labels; "
+                            f"expected one label per example")
     return _check_classes(y, source)
 
 
 def _check_x(x: np.ndarray, source: str) -> None:
     if x.dtype == object:
-        raise ValueError(f"{source}: x is an object array{_ragged_hint(x)}; "
-                         f"expected a numeric array (N, ...) with one shape per example")
+        raise ArtifactError(f"{source}: x is an object array{_ragged_hint(x)}; "
+                            f"expected a numeric array (N, ...) with one shape per example")
     if x.dtype.kind not in "biuf":
-        raise ValueError(f"{source}: x has dtype {x.dtype}; expected numbers (int or float)")
+        raise ArtifactError(f"{source}: x has dtype {x.dtype}; expected numbers (int or float)")
     if x.ndim < 2:
-        raise ValueError(f"{source}: x has shape {list(x.shape)}; expected (N, features...)")
+        raise ArtifactError(f"{source}: x has shape {list(x.shape)}; expected (N, features...)")
     if x.shape[0] == 0:
-        raise ValueError(f"{source}: zero examples; expected at least one")
+        raise ArtifactError(f"{source}: zero examples; expected at least one")
     if x[:1].size == 0:
-        raise ValueError(f"{source}: x has shape {list(x.shape)}, no values per example; "
-                         f"expected at least one feature")
+        raise ArtifactError(f"{source}: x has shape {list(x.shape)}, no values per example; "
+                            f"expected at least one feature")
     with np.errstate(over="ignore"):  # float64 beyond ~3.4e38 becomes inf: reported below
         bad = ~np.isfinite(x.astype(np.float32, copy=False))
     if bad.any():
         first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
-        raise ValueError(f"{source}: x has {int(bad.sum())} NaN/Inf values as float32, first "
-                         f"in example {first}; expected finite numbers")
+        raise ArtifactError(f"{source}: x has {int(bad.sum())} NaN/Inf values as float32, first "
+                            f"in example {first}; expected finite numbers")
 
 
 def _ragged_hint(x: np.ndarray) -> str:
@@ -62,38 +64,42 @@ def _ragged_hint(x: np.ndarray) -> str:
 def _check_y(y: np.ndarray, source: str) -> np.ndarray:
     """Return y as int64 (N,) after checking it holds non-negative integers."""
     if y.ndim != 1:
-        raise ValueError(f"{source}: y has shape {list(y.shape)}; expected (N,) labels")
+        raise ArtifactError(f"{source}: y has shape {list(y.shape)}; expected (N,) labels")
     if y.dtype.kind == "f":
         nan = ~np.isfinite(y)
         if nan.any():
-            raise ValueError(f"{source}: y has {int(nan.sum())} NaN/Inf labels, first at index "
-                             f"{int(np.flatnonzero(nan)[0])}; expected integers 0..K-1")
+            raise ArtifactError(f"{source}: y has {int(nan.sum())} NaN/Inf labels, first at index "
+                                f"{int(np.flatnonzero(nan)[0])}; expected integers 0..K-1")
         frac = y != np.round(y)
         if frac.any():
             i = int(np.flatnonzero(frac)[0])
-            raise ValueError(f"{source}: label {y[i]:g} at index {i} is not an integer; "
-                             f"expected integers 0..K-1")
+            raise ArtifactError(f"{source}: label {y[i]:g} at index {i} is not an integer; "
+                                f"expected integers 0..K-1")
     elif y.dtype.kind not in "iu":
-        raise ValueError(f"{source}: labels have dtype {y.dtype}; expected integers 0..K-1")
+        raise ArtifactError(f"{source}: labels have dtype {y.dtype}; expected integers 0..K-1")
     neg = y < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
-        raise ValueError(f"{source}: {int(neg.sum())} negative labels, first {y[i]:g} at index "
-                         f"{i}; expected integers 0..K-1")
+        raise ArtifactError(f"{source}: {int(neg.sum())} negative labels, first {y[i]:g} at index "
+                            f"{i}; expected integers 0..K-1")
+    if len(y) and y.max() >= len(y):  # K classes need K examples; also keeps the int64 cast exact
+        i = int(np.argmax(y))
+        raise ArtifactError(f"{source}: label {y[i].item()} at index {i} is out of range for {len(y)} "
+                            f"examples; expected integers 0..K-1 with every class present")
     return y.astype(np.int64)
 
 
 def _check_classes(y: np.ndarray, source: str) -> int:
     if len(y) == 0:
-        raise ValueError(f"{source}: zero examples; expected at least one")
+        raise ArtifactError(f"{source}: zero examples; expected at least one")
     present = np.unique(y)  # sorted; a gap means a class inside 0..max has no examples
     top = int(present[-1])
     if len(present) != top + 1:
         gap = int(np.flatnonzero(present != np.arange(len(present)))[0])
         first_top = int(np.flatnonzero(y == top)[0])
-        raise ValueError(f"{source}: class {gap} has no examples, yet labels go up to {top} "
-                         f"(first at index {first_top}); expected every class 0..{top} "
-                         f"present (is a label out of range?)")
+        raise ArtifactError(f"{source}: class {gap} has no examples, yet labels go up to {top} "
+                            f"(first at index {first_top}); expected every class 0..{top} "
+                            f"present (is a label out of range?)")
     return top + 1
 
 

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from slimforge.artifacts import META, WEIGHTS, ArtifactError, read_meta
+from slimforge.data import resolve_inside
 
 INDEX = "model.safetensors.index.json"
 FORMATS = ("dense", "checkpoint", "packed")  # meta.json formats a merge reads (checkpoint: a streamed merge)
@@ -83,9 +84,11 @@ class Checkpoint:
             return self._tensors[name] if rows is None else self._tensors[name][rows]
         try:
             with safe_open(str(self._files[name]), framework="pt") as f:
-                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+                tensor = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
         except (SafetensorError, OSError) as e:
-            raise ArtifactError(f"{self._files[name]}: cannot read tensor {name!r} ({e})") from None
+            raise ArtifactError(f"{self._files[name]}: cannot read tensor {name!r} ({_brief(e)})") from None
+        _check_finite(tensor, self._files[name], name)
+        return tensor
 
     def close(self) -> None:
         """Drop what is held in memory (a dequantized packed checkpoint); no file stays open."""
@@ -104,6 +107,24 @@ class Checkpoint:
         if name not in self._shapes:
             raise ArtifactError(f"{self.path}: no tensor {name!r}")
         return name
+
+
+def _brief(err: BaseException) -> str:
+    """The library's error on one line: a forged header can put line breaks in it."""
+    return " ".join(str(err).split())
+
+
+_FINITE_CHUNK = 1 << 20  # elements checked at once: the check's bool mask stays ~1 MiB for any tensor
+
+
+def _check_finite(tensor: Tensor, file: Path, name: str) -> None:
+    """Refuse NaN/Inf weights (a diverged fine-tune) before they are merged into every output."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        if not torch.isfinite(flat[start:start + _FINITE_CHUNK]).all():
+            raise ArtifactError(f"{file}: tensor {name!r} has NaN/Inf values; expected finite weights")
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -187,7 +208,7 @@ def _headers(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], dict[s
                         raise ArtifactError(f"{file}: tensor {name!r} has dtype {dtype}, not one of {', '.join(DTYPES)}")
                     dtypes[name] = DTYPES[dtype]
         except (SafetensorError, OSError) as e:
-            raise ArtifactError(f"{file}: not a readable safetensors file ({e})") from None
+            raise ArtifactError(f"{file}: not a readable safetensors file ({_brief(e)})") from None
     return {n: shapes[n] for n in files}, {n: dtypes[n] for n in files}
 
 
@@ -196,7 +217,7 @@ def _single(file: Path) -> Checkpoint:
         with safe_open(str(file), framework="pt") as f:
             names = list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{file}: not a readable safetensors file ({e})") from None
+        raise ArtifactError(f"{file}: not a readable safetensors file ({_brief(e)})") from None
     files = dict.fromkeys(names, file)
     return Checkpoint(file, files, *_headers(files))
 
@@ -208,7 +229,8 @@ def _sharded(index: Path) -> Checkpoint:
         raise ArtifactError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ArtifactError(f"{index}: weight_map must map tensor names to shard file names")
-    files = {name: index.parent / shard for name, shard in weight_map.items()}
+    # a shard must lie in the index's folder: an index must not make the merge read other files
+    files = {name: resolve_inside(index.parent, shard, index) for name, shard in weight_map.items()}
     for name, file in files.items():
         if not file.is_file():
             raise ArtifactError(f"{index}: weight_map places tensor {name!r} in shard {file.name!r}, "

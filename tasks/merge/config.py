@@ -8,9 +8,10 @@ compact patch) and, for weight matching, the ``models`` to align.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from tasks.merge.adamerging import AdaMergingConfig
 from tasks.merge.checkpoints import CheckpointInputs
@@ -27,6 +28,14 @@ _PATCH = Field(default=None, description="also store every task vector as a comp
 class TaskVectorMerge(TaskVectorConfig):
     checkpoints: CheckpointInputs | None = _CHECKPOINTS
     patch: PatchConfig | None = _PATCH
+
+    @field_validator("lambdas")
+    @classmethod
+    def _finite_lambdas(cls, lambdas: list[float]) -> list[float]:
+        bad = next((i for i, lam in enumerate(lambdas) if not math.isfinite(lam)), None)
+        if bad is not None:  # a NaN λ would turn every merged weight into NaN
+            raise ValueError(f"lambdas[{bad}] is {lambdas[bad]}; expected finite scaling coefficients")
+        return lambdas
 
     @model_validator(mode="after")
     def _one_lambda_for_checkpoints(self) -> TaskVectorMerge:
@@ -62,7 +71,10 @@ MERGE_METHODS = tuple(MERGE_CONFIGS)
 
 def _method_of(value) -> str:
     """The union's tag: a section that names no method is a task-arithmetic one."""
-    return value.get("method", "task_arithmetic") if isinstance(value, dict) else value.method
+    if isinstance(value, dict):
+        return value.get("method", "task_arithmetic")
+    # not a mapping (a list, a number): the default method's model reports the wrong type
+    return getattr(value, "method", "task_arithmetic")
 
 
 MergeConfig = Annotated[Union[tuple(Annotated[c, Tag(name)] for name, c in MERGE_CONFIGS.items())],  # noqa: UP007

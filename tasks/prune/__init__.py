@@ -56,7 +56,10 @@ DEFAULT_METHOD = "magnitude"
 
 def _method_of(value) -> str:
     """The union's tag: a section that names no method is a magnitude one."""
-    return value.get("method", DEFAULT_METHOD) if isinstance(value, dict) else value.method
+    if isinstance(value, dict):
+        return value.get("method", DEFAULT_METHOD)
+    # not a mapping (a list, a number): the default method's model reports the wrong type
+    return getattr(value, "method", DEFAULT_METHOD)
 
 
 PruneConfig = Annotated[Union[tuple(Annotated[m.config, Tag(name)] for name, m in METHODS.items())],  # noqa: UP007

@@ -67,7 +67,10 @@ def get_method(name: str) -> Method:
 
 def _method_of(value) -> str:
     """The union's tag: a variant that names no method is an RTN one."""
-    return value.get("method", DEFAULT_METHOD) if isinstance(value, dict) else value.method
+    if isinstance(value, dict):
+        return value.get("method", DEFAULT_METHOD)
+    # not a mapping (a list, a number): the default method's model reports the wrong type
+    return getattr(value, "method", DEFAULT_METHOD)
 
 
 QuantizeMethod = Annotated[Union[tuple(Annotated[m.config, Tag(name)] for name, m in METHODS.items())],  # noqa: UP007

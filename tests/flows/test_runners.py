@@ -58,7 +58,7 @@ def test_dask_without_an_address_starts_a_local_cluster_of_processes():
     runner = task_runner(OrchestrateConfig(task_runner="dask", n_workers=3, threads_per_worker=2))
     assert isinstance(runner, DaskTaskRunner) and runner.address is None
     assert runner.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 2, "processes": True,
-                                     "dashboard_address": ":0"}
+                                     "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
 
 
 def test_dask_workers_use_this_processs_torch_threads_unless_told():

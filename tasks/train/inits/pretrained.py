@@ -35,7 +35,10 @@ def load_weights(model: nn.Module, file: Path, where: str) -> None:
     """Copy every tensor of a safetensors checkpoint into ``model`` after checking it fits."""
     if not file.is_file():
         raise ArtifactError(f"{where}: checkpoint {file} not found")
-    tensors = load_tensors(file)
+    try:
+        tensors = load_tensors(file)
+    except ArtifactError as e:  # truncated or corrupt: name the params key that pointed here
+        raise ArtifactError(f"{where}: {e}") from None
     check_state(f"{where}: {file}", model.state_dict(), tensors)
     model.load_state_dict(tensors, strict=True)
 

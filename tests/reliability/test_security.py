@@ -1,0 +1,500 @@
+"""What SECURITY.md promises, each promise checked: no pickle anywhere a file is loaded, loopback
+binds, no secret in any output, no path escaping its root, only file and s3 locations."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save_file
+
+from slimforge.artifacts import ArtifactError
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SCANNED = ("slimforge", "tasks", "kernels", "flows", "infra")
+
+# ---------------------------------------------------------------------------------------------
+# 1. No unsafe deserialisation in the code: an ast scan
+
+# Calls that unpickle (or run) whatever the file holds, by their fully qualified name.
+ALWAYS_BAD = {
+    "pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads",
+    "cloudpickle.load", "cloudpickle.loads", "joblib.load", "pandas.read_pickle",
+    "marshal.load", "marshal.loads", "shelve.open", "yaml.unsafe_load", "yaml.full_load",
+    "torch.serialization.load", "eval", "exec",
+}
+BAD_MODULES = ("dill",)  # every use of dill is a pickle
+# name -> (keyword, values that make the call safe)
+NEEDS_KEYWORD = {
+    "torch.load": ("weights_only", {"True"}),
+    "numpy.load": ("allow_pickle", {"False"}),
+    "yaml.load": ("Loader", {"yaml.SafeLoader", "yaml.CSafeLoader", "SafeLoader", "CSafeLoader"}),
+}
+# (file, qualified name) -> why it is not loading untrusted bytes. Kept empty on purpose: Dask
+# (flows/runners.py) pickles our own closures to our own LocalCluster workers inside
+# distributed, which is not a call in our code and loads no file.
+ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> qualified name from the module's imports (``np`` -> ``numpy``)."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                names[a.asname or a.name] = f"{node.module}.{a.name}"
+    return names
+
+
+def _qualified(func: ast.expr, aliases: dict[str, str]) -> str | None:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name):
+        return None
+    parts.append(aliases.get(func.id, func.id))
+    return ".".join(reversed(parts))
+
+
+def unsafe_calls(path: Path) -> list[str]:
+    """``file:line: name`` for each call in ``path`` that could unpickle or execute data."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    aliases = _aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{path}:{node.lineno}: import {m}" for m in mods if m.split(".")[0] in BAD_MODULES]
+        if not isinstance(node, ast.Call):
+            continue
+        name = _qualified(node.func, aliases)
+        if name is None:
+            continue
+        bad = name in ALWAYS_BAD or name.split(".")[0] in BAD_MODULES
+        if name in NEEDS_KEYWORD:
+            key, safe = NEEDS_KEYWORD[name]
+            given = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            bad = given.get(key) not in safe
+        where = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.name
+        if bad and (where, name) not in ALLOWED:
+            found.append(f"{path}:{node.lineno}: {name}")
+    return found
+
+
+def _python_files() -> list[Path]:
+    return sorted(f for d in SCANNED for f in (REPO / d).rglob("*.py") if "__pycache__" not in f.parts)
+
+
+def test_no_code_loads_pickle_or_evaluates_data():
+    files = _python_files()
+    assert len(files) > 100, f"scanned only {len(files)} files; is the tree where the test expects?"
+    found = [hit for f in files for hit in unsafe_calls(f)]
+    assert not found, "unsafe deserialisation or eval/exec:\n" + "\n".join(found)
+
+
+PLANTED = """
+import pickle, yaml, joblib, dill, marshal
+import numpy as np
+import pandas as pd
+import torch as T
+from pickle import loads as unpickle
+from cloudpickle import load
+pickle.load(f)
+unpickle(b)
+load(f)
+T.load("m.pt")
+T.load("m.pt", weights_only=False)
+np.load("a.npz")
+np.load("a.npz", allow_pickle=True)
+pd.read_pickle("d.pkl")
+joblib.load("m.joblib")
+yaml.load(text)
+yaml.load(text, Loader=yaml.Loader)
+yaml.unsafe_load(text)
+marshal.loads(b)
+eval("1")
+exec("x = 1")
+# safe forms, never flagged
+T.load("m.pt", weights_only=True)
+np.load("a.npz", allow_pickle=False)
+yaml.load(text, Loader=yaml.SafeLoader)
+yaml.safe_load(text)
+"""
+
+
+def test_the_scan_catches_planted_unsafe_calls(tmp_path):
+    planted = tmp_path / "pkg" / "planted.py"
+    planted.parent.mkdir()
+    planted.write_text(PLANTED)
+    found = unsafe_calls(planted)
+    names = [hit.split(": ", 1)[1] for hit in found]
+    assert names == ["import dill", "pickle.load", "pickle.loads", "cloudpickle.load", "torch.load",
+                     "torch.load", "numpy.load", "numpy.load", "pandas.read_pickle", "joblib.load",
+                     "yaml.load", "yaml.load", "yaml.unsafe_load", "marshal.loads", "eval", "exec"], found
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Booby-trapped checkpoints are refused at every boundary that takes a user path
+
+
+class Trap:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.fixture
+def traps(tmp_path) -> tuple[Path, dict[str, Path]]:
+    """(marker, {kind: file}): pickle-based checkpoints whose loading would create marker."""
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "traps"
+    d.mkdir()
+    payload = {"weight": torch.zeros(3, 4), "bias": torch.zeros(3), "trap": Trap(marker)}
+    files = {"pt": d / "model.pt", "bin": d / "pytorch_model.bin", "pkl": d / "model.pkl",
+             "safetensors": d / "disguised.safetensors"}
+    torch.save(payload, files["pt"])
+    torch.save(payload, files["bin"])
+    files["pkl"].write_bytes(pickle.dumps(payload))
+    files["safetensors"].write_bytes(files["pt"].read_bytes())  # a pickle under a safe name
+    files["npz"] = d / "data.npz"
+    np.savez(files["npz"], x=np.array([Trap(marker)], dtype=object), y=np.zeros(1, dtype=np.int64))
+    files["pkl_as_npz"] = d / "raw.npz"
+    files["pkl_as_npz"].write_bytes(pickle.dumps({"x": Trap(marker)}))
+    # a model artifact directory whose model.safetensors is a pickle
+    art = d / "artifact"
+    art.mkdir()
+    (art / "model.safetensors").write_bytes(files["pt"].read_bytes())
+    (art / "meta.json").write_text(json.dumps({"format": "dense", "model": _spec()}))
+    files["artifact"] = art
+    return marker, files
+
+
+def _spec() -> dict:
+    from slimforge.checkpoint import model_spec
+    from slimforge.models import MLPConfig
+
+    return model_spec(MLPConfig(), (4,), 3)
+
+
+def test_the_traps_are_armed(traps, tmp_path):
+    marker, files = traps
+    torch.load(files["pt"], weights_only=False)
+    assert marker.exists(), "control: unpickling the trap must create the marker"
+    marker.unlink()
+    np.load(files["npz"], allow_pickle=True)["x"]
+    assert marker.exists(), "control: the .npz object array must carry the payload"
+
+
+def _refused(call, marker: Path, *expect: str) -> str:
+    with pytest.raises((ArtifactError, ValueError)) as info:
+        call()
+    message = str(info.value)
+    assert not marker.exists(), f"the payload ran: {message}"
+    assert "\n" not in message, f"not a one-line error: {message!r}"
+    for part in expect:
+        assert part in message, f"{part!r} not in {message!r}"
+    return message
+
+
+@pytest.mark.parametrize("kind", ["pt", "bin", "pkl", "safetensors", "artifact"])
+def test_pretrained_init_refuses_a_pickle(traps, kind):
+    from tasks.train.inits.pretrained import load_pretrained
+
+    marker, files = traps
+    model = torch.nn.Linear(4, 3)
+    _refused(lambda: load_pretrained(model, files[kind]), marker, files[kind].name)
+
+
+@pytest.mark.parametrize("kind", ["pt", "bin", "pkl", "safetensors", "artifact"])
+def test_merge_checkpoints_refuse_a_pickle(traps, tmp_path, kind):
+    from tasks.merge.checkpoints import CheckpointInputs, open_inputs
+
+    marker, files = traps
+    base = tmp_path / "base.safetensors"
+    save_file({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}, str(base))
+    inputs = CheckpointInputs(base=str(base), models=[str(files[kind])])
+    _refused(lambda: open_inputs(inputs), marker, "models[0]", files[kind].name)
+    as_base = CheckpointInputs(base=str(files[kind]), models=[str(base)])
+    _refused(lambda: open_inputs(as_base), marker, "base", files[kind].name)
+
+
+@pytest.mark.parametrize("kind", ["npz", "pkl_as_npz"])
+def test_ingest_file_source_refuses_a_pickle(traps, kind):
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.sources import load_file
+
+    marker, files = traps
+    cfg = IngestConfig(dataset="file", path=str(files[kind]))
+    _refused(lambda: load_file(cfg), marker, str(files[kind]))
+
+
+def test_ingest_refuses_a_pickle_suffix(traps):
+    from tasks.ingest.config import IngestConfig
+
+    marker, files = traps
+    with pytest.raises(ValidationError, match=r"\.npz or \.parquet"):
+        IngestConfig(dataset="file", path=str(files["pkl"]))
+    assert not marker.exists()
+
+
+def test_load_any_refuses_a_pickle(traps):
+    from slimforge.checkpoint import load_any
+
+    marker, files = traps
+    _refused(lambda: load_any(files["artifact"]), marker, "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Servers listen on loopback
+
+SERVE = REPO / "infra" / "serve.sh"
+
+
+def _serve_command(marker: str) -> str:
+    """The (backslash-joined) command line of serve.sh that contains ``marker``."""
+    text = SERVE.read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if marker in line and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, f"expected one command with {marker!r} in {SERVE}, found {lines}"
+    return lines[0]
+
+
+def test_serve_binds_every_listener_to_loopback():
+    text = SERVE.read_text()
+    assert re.search(r"^HOST=127\.0\.0\.1$", text, re.MULTILINE), "serve.sh: HOST is not 127.0.0.1"
+    assert "0.0.0.0" not in text and "::" not in text.replace("::1", "")
+    server = _serve_command("prefect\" server start")
+    assert "--host $HOST" in server, server
+    weed = _serve_command('"$BIN/weed" mini')
+    assert "-ip=$HOST" in weed and "-ip.bind=$HOST" in weed, weed
+    worker = _serve_command("worker start --pool")
+    # a Prefect worker opens no port unless asked for its health-check web server (which would
+    # listen on PREFECT_WORKER_WEBSERVER_HOST, 0.0.0.0 by default)
+    assert "--with-healthcheck" not in worker or "PREFECT_WORKER_WEBSERVER_HOST=127.0.0.1" in worker, worker
+    assert re.findall(r"http://\$HOST", text), "serve.sh's URLs should name $HOST"
+
+
+# server command lines in the test suite: executable -> the argument that binds it to loopback
+SERVER_BINDS = {"moto_server": '"-H", "127.0.0.1"', "weed": '"-ip.bind=127.0.0.1"'}
+
+
+def test_test_servers_bind_loopback():
+    """Every moto_server / weed command line and every socket bind in the tests names 127.0.0.1."""
+    servers = binds = 0
+    for f in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.List) and node.elts:
+                head, line = ast.unparse(node.elts[0]), ast.unparse(node)
+                for exe, bind in SERVER_BINDS.items():
+                    if re.search(rf"['\"]{exe}['\"]", head):  # the executable itself
+                        servers += 1
+                        assert bind.replace('"', "'") in line, f"{f}:{node.lineno}: {exe} not bound to loopback"
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "bind"
+                    and node.args and isinstance(node.args[0], ast.Tuple)):
+                binds += 1
+                host = ast.unparse(node.args[0].elts[0])
+                assert host == "'127.0.0.1'", f"{f}:{node.lineno}: binds {host}, not '127.0.0.1'"
+    assert servers >= 2 and binds >= 2, f"found {servers} server commands and {binds} binds; has the suite changed?"
+
+
+def test_dask_local_cluster_binds_loopback():
+    from flows.runners import task_runner
+    from slimforge.config import OrchestrateConfig
+
+    runner = task_runner(OrchestrateConfig(task_runner="dask", n_workers=1))
+    assert runner.cluster_kwargs["host"] == "127.0.0.1"
+    assert runner.cluster_kwargs["dashboard_address"].startswith("127.0.0.1:")
+
+
+def test_a_started_local_cluster_listens_on_loopback_only():
+    distributed = pytest.importorskip("distributed")
+    from flows.runners import task_runner
+    from slimforge.config import OrchestrateConfig
+
+    kwargs = dict(task_runner(OrchestrateConfig(task_runner="dask", n_workers=1)).cluster_kwargs)
+    # the same listeners in this process, without spawning a worker process (tcp, not inproc)
+    kwargs.update(processes=False, protocol="tcp://")
+    with distributed.LocalCluster(**kwargs) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:"), cluster.scheduler_address
+        assert "127.0.0.1" in cluster.dashboard_link, cluster.dashboard_link
+        workers = list(cluster.scheduler_info["workers"])
+        assert workers and all(w.startswith("tcp://127.0.0.1:") for w in workers), workers
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A secret in the environment appears in no output
+
+
+def _files_containing(root: Path, needles: list[str]) -> list[str]:
+    hits = []
+    raw = [n.encode() for n in needles]
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            data = f.read_bytes()
+            hits += [f"{f}: {n.decode()[:6]}..." for n in raw if n in data]
+    return hits
+
+
+def test_the_grep_finds_a_planted_secret(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "meta.json").write_text('{"token": "XYZ-secret-123"}')
+    assert len(_files_containing(tmp_path, ["XYZ-secret-123"])) == 1
+
+
+@pytest.fixture(scope="module")
+def secret_run(tmp_path_factory, make_workspace, cli_env):
+    """The tiny pipeline run with credentials and a token in its environment, plus a refused
+    remote URL that carries the secret: (secrets, workspace, prefect home, captured output)."""
+    tmp = tmp_path_factory.mktemp("secret")
+    ws = make_workspace(tmp / "ws")
+    values = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+              "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+              "SLIMFORGE_TEST_TOKEN": "sftok-" + secrets.token_hex(16)}
+    env = {**cli_env(tmp), **values}
+    started = time.monotonic()
+    run = subprocess.run([str(BIN / "slimforge"), "run", "--params", "params/tiny.yaml"], cwd=ws, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = subprocess.run([str(BIN / "slimforge"), "report"], cwd=ws, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    leaky = f"http://{values['AWS_ACCESS_KEY_ID']}:{values['AWS_SECRET_ACCESS_KEY']}@127.0.0.1:9/"
+    refused = subprocess.run([str(BIN / "slimforge"), "remote", "add", "s3://bucket/dvc", "--endpoint-url", leaky],
+                             cwd=ws, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    assert refused.returncode != 0 and "***" in refused.stderr + refused.stdout, \
+        "a URL carrying credentials must be refused, the credentials masked"
+    output = "".join(p.stdout + p.stderr for p in (run, report, refused))
+    return values, ws, tmp / "prefect-home", output, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_no_secret_in_any_output(secret_run):
+    values, ws, prefect_home, output, _ = secret_run
+    needles = list(values.values())
+    assert (ws / "dvc.lock").is_file() and list((ws / "artifacts").rglob("meta.json"))
+    assert list((ws / "metrics").glob("*.json")) and list((ws / "reports").iterdir())
+    leaked = _files_containing(ws, needles) + _files_containing(prefect_home, needles)
+    leaked += [f"captured output: {name}" for name, v in values.items() if v in output]
+    assert not leaked, "secret values written to:\n" + "\n".join(leaked)
+
+
+@pytest.mark.slow
+def test_the_secret_run_took_a_bounded_time(secret_run):
+    assert secret_run[4] < 300, f"tiny run + report took {secret_run[4]:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Paths listed in a manifest or found in an image folder stay inside their root
+
+
+@pytest.fixture
+def dataset_root(tmp_path):
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "0001.png").write_bytes(b"png")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of the dataset")
+    (root / "cat" / "link.png").symlink_to(outside)
+    (root / "cat" / "inner.png").symlink_to(root / "cat" / "0001.png")
+    return root
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "cat/../../secret.txt", "/etc/passwd", "cat/link.png", ""])
+def test_an_entry_escaping_its_root_is_refused(dataset_root, entry):
+    from slimforge.data import resolve_inside
+
+    source = dataset_root / "manifest.csv"
+    with pytest.raises(ArtifactError) as info:
+        resolve_inside(dataset_root, entry, source)
+    message = str(info.value)
+    assert "\n" not in message and str(source) in message and repr(entry) in message, message
+
+
+@pytest.mark.parametrize("entry", ["cat/0001.png", "cat/inner.png", "./cat/0001.png"])
+def test_an_entry_inside_its_root_resolves(dataset_root, entry):
+    from slimforge.data import resolve_inside
+
+    assert resolve_inside(dataset_root, entry, "manifest.csv") == (dataset_root / "cat" / "0001.png").resolve()
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ABSOLUTE"])
+def test_a_sharded_index_cannot_name_a_shard_outside_its_folder(tmp_path, shard):
+    from tasks.merge.checkpoints import open_checkpoint
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.zeros(2)}, str(outside))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    entry = str(outside) if shard == "ABSOLUTE" else shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": entry}}))
+    with pytest.raises(ArtifactError, match=re.escape(repr(entry))):
+        open_checkpoint(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Only plain paths (file) and s3:// locations
+
+BAD_LOCATIONS = ["http://host/x.npz", "https://host/x.npz", "ftp://host/x.npz", "gs://bucket/x.npz",
+                 "file://host/x.npz", "file:///tmp/x.npz", "data:,x.npz", "hdfs://nn/x.npz"]
+
+
+@pytest.mark.parametrize("path", BAD_LOCATIONS)
+def test_ingest_path_accepts_only_file_and_s3(path):
+    from tasks.ingest.config import IngestConfig
+
+    with pytest.raises(ValidationError) as info:
+        IngestConfig(dataset="file", path=path)
+    assert "plain local path (file) or s3://bucket/key (s3)" in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["data/x.npz", "/abs/x.parquet", "s3://bucket/dir/x.npz"])
+def test_ingest_path_accepts_plain_paths_and_s3(path):
+    from tasks.ingest.config import IngestConfig
+
+    assert IngestConfig(dataset="file", path=path).path == path
+
+
+@pytest.mark.parametrize("url", ["http://host/dvc", "https://host/dvc", "gs://bucket/dvc", "file:///tmp/dvc",
+                                 "/tmp/dvc", "ftp://host/dvc", "azure://c/dvc"])
+def test_dvc_remote_accepts_only_s3(url):
+    from slimforge.remote import RemoteError, check_url
+
+    with pytest.raises(RemoteError, match="s3://bucket/prefix"):
+        check_url(url)
+
+
+@pytest.mark.parametrize("url", [u.replace("x.npz", "model.safetensors") for u in BAD_LOCATIONS])
+def test_checkpoint_paths_read_no_remote_scheme(url, tmp_path, monkeypatch):
+    """merge checkpoints and train.init pretrained read local files only: a URL is a missing
+    file, never a download."""
+    from tasks.merge.checkpoints import CheckpointInputs, open_inputs
+    from tasks.train.inits.pretrained import load_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArtifactError) as info:
+        open_inputs(CheckpointInputs(base=url, models=[url]))
+    assert "\n" not in str(info.value) and "base" in str(info.value)
+    with pytest.raises(ArtifactError) as info:
+        load_pretrained(torch.nn.Linear(2, 2), url)
+    assert "\n" not in str(info.value) and "not found" in str(info.value)
