@@ -17,10 +17,12 @@ import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import torch
 import yaml
+from pydantic import AfterValidator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -183,6 +185,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         detail = " ".join(str(e).split())  # a forged header can put line breaks in the library's message
         raise ArtifactError(f"{path}: not a readable safetensors file ({detail})") from None
+
+
+def check_local_path(value: str) -> str:
+    """A pydantic validator for params that name a checkpoint on this machine: a plain path only.
+    Any URI (http:, file:, gs:, s3:, data:, //host) is refused; only ingest.path reads s3://."""
+    if urlsplit(value).scheme or value.startswith("//"):
+        raise ValueError(f"{value!r} is not a local path; valid: a plain path (file) relative to the "
+                         "workspace, or absolute (URIs are read only by ingest.path, and only s3://)")
+    return value
+
+
+LocalPath = Annotated[str, AfterValidator(check_local_path)]
 
 
 def write_meta(directory: Path, *, root: Path, stage: str, method: str, config: dict, seed: int | None,

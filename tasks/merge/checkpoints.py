@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from slimforge.artifacts import META, WEIGHTS, ArtifactError, read_meta
+from slimforge.artifacts import META, WEIGHTS, ArtifactError, LocalPath, read_meta
 from slimforge.data import resolve_inside
 
 INDEX = "model.safetensors.index.json"
@@ -44,8 +44,8 @@ class CheckpointInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(description="path of the shared base checkpoint θ₀")
-    models: list[str] = Field(min_length=1, description="paths of the fine-tuned checkpoints θ_1..θ_K")
+    base: LocalPath = Field(description="path of the shared base checkpoint θ₀")
+    models: list[LocalPath] = Field(min_length=1, description="paths of the fine-tuned checkpoints θ_1..θ_K")
     include: list[str] = Field(
         default=["*"], min_length=1,
         description="fnmatch patterns of the tensor names merged; the others are copied from the base")

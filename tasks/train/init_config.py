@@ -24,6 +24,8 @@ from pydantic import (
     field_validator,
 )
 
+from slimforge.artifacts import LocalPath
+
 
 class _Init(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -93,8 +95,8 @@ class PretrainedConfig(_Init):
     """Weights of a safetensors checkpoint of the same architecture."""
 
     scheme: Literal["pretrained"] = "pretrained"
-    path: str = Field(description="a .safetensors file or a directory holding model.safetensors; "
-                                  "relative to the workspace root")
+    path: LocalPath = Field(description="a .safetensors file or a directory holding model.safetensors; "
+                                        "relative to the workspace root")
 
 
 _CONFIGS = (KaimingConfig, XavierConfig, OrthogonalConfig, GeneralizedGaussianConfig,

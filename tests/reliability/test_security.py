@@ -484,17 +484,16 @@ def test_dvc_remote_accepts_only_s3(url):
         check_url(url)
 
 
-@pytest.mark.parametrize("url", [u.replace("x.npz", "model.safetensors") for u in BAD_LOCATIONS])
-def test_checkpoint_paths_read_no_remote_scheme(url, tmp_path, monkeypatch):
-    """merge checkpoints and train.init pretrained read local files only: a URL is a missing
-    file, never a download."""
-    from tasks.merge.checkpoints import CheckpointInputs, open_inputs
-    from tasks.train.inits.pretrained import load_pretrained
+@pytest.mark.parametrize("url", [u.replace("x.npz", "model.safetensors") for u in [*BAD_LOCATIONS, "s3://b/x.npz"]])
+def test_checkpoint_paths_accept_plain_paths_only(url):
+    """merge checkpoints and train.init pretrained read local files only: a URL is refused by the
+    params schema, naming the valid form, before anything is opened."""
+    from tasks.merge.checkpoints import CheckpointInputs
+    from tasks.train.init_config import PretrainedConfig
 
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ArtifactError) as info:
-        open_inputs(CheckpointInputs(base=url, models=[url]))
-    assert "\n" not in str(info.value) and "base" in str(info.value)
-    with pytest.raises(ArtifactError) as info:
-        load_pretrained(torch.nn.Linear(2, 2), url)
-    assert "\n" not in str(info.value) and "not found" in str(info.value)
+    for build in (lambda: CheckpointInputs(base=url, models=["m.safetensors"]),
+                  lambda: CheckpointInputs(base="b.safetensors", models=[url]),
+                  lambda: PretrainedConfig(path=url)):
+        with pytest.raises(ValidationError, match="is not a local path; valid: a plain path"):
+            build()
+    assert PretrainedConfig(path="models/model.safetensors").path == "models/model.safetensors"
