@@ -24,11 +24,6 @@ import pytest
 
 from slimforge.remote import configure_remote
 
-import socket
-import threading
-import time
-from collections import Counter
-
 ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
               b"<Message>injected by the test proxy</Message></Error>")
 CUT_AFTER = 300  # bytes of an answer a "cut" connection forwards: inside the headers or the body
