@@ -1,193 +1,25 @@
-"""Fuzzing the two boundaries that read user files: params YAML and dataset files.
-
-Hypothesis (derandomized, so every CI run tries the same inputs) generates params files by
-mutating the shipped presets and dataset files (.npz / .parquet) from valid ones to garbage.
-The property is the same for both: the input is accepted, or refused with the project's
-error type and a message whose every line names the file. Any other exception is a bug.
-"""
+"""Fuzzing the file boundaries: dataset files (.npz / .parquet, from valid to garbage) through
+ingest's parsing and validation, and safetensors checkpoints through ``load_tensors`` and the
+merge's ``open_checkpoint``. Hypothesis is derandomized, so every CI run tries the same inputs.
+The property: the file loads, or is refused with an ArtifactError whose every line names it."""
 
 from __future__ import annotations
 
 import io
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimforge.artifacts import ArtifactError
-from slimforge.config import Params, ParamsError, load_params
 from tasks.ingest.sources import parse_npz, parse_parquet
 from tasks.ingest.validate import split_dataset, validate_arrays
 
-REPO = Path(__file__).resolve().parents[2]
-PRESETS = {p.name: p.read_text() for p in [*sorted((REPO / "params").glob("*.yaml")), REPO / "params.yaml"]}
-PARAMS_EXAMPLES, DATASET_EXAMPLES = 520, 240
-# No shrinking: a failure is collected (not raised) so one run lists every distinct bug, and
-# derandomize makes it reproducible as it stands.
-FUZZ = settings(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
-TALLY: Counter = Counter()  # outcomes per suite, printed at the end of each test
-
-
-def _message_problem(err: Exception, name: str) -> str | None:
-    """Why the error's message is not acceptable (None when it is): empty, or a line not naming the file."""
-    msg = str(err)
-    if not msg:
-        return "empty message"
-    bad = [line for line in msg.splitlines() if name not in line]
-    return f"a line does not name {name}: {bad[0]!r}" if bad else None
-
-
-def _bug(err: BaseException) -> str:
-    """One line identifying an unexpected exception: its type, where it was raised, its message."""
-    tb = err.__traceback__
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
-    return f"{type(err).__name__} at {where}: {str(err)[:160]!r}"
-
-
-# ---------------------------------------------------------------- params files
-
-SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["", "kaiming", "cnn", "file", "s3://b/k.npz", "ties", "1e-3", "yes"]))
-JUNK = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=8)
-KEYS = st.one_of(st.text(max_size=10), st.sampled_from(["method", "arch", "scheme", "path", "lambdas", "tasks",
-                                                        "checkpoints", "distributed", "variants", "x\ny"]))
-MUTATIONS = ("drop", "add", "replace", "junk", "method", "swap_type")
-
-
-def _paths(node, prefix=()) -> list[tuple]:
-    """Every key path (through dicts and lists) of a parsed YAML tree."""
-    out = [prefix]
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
-    for k, v in items:
-        out += _paths(v, (*prefix, k))
-    return out
-
-
-def _parent(tree, path):
-    for part in path[:-1]:
-        tree = tree[part]
-    return tree
-
-
-def _swap_type(value):
-    """The same content in another YAML type: 3 -> '3', 'a' -> ['a'], [1] -> {0: 1}, ..."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return dict(enumerate(value))
-    if isinstance(value, dict):
-        return list(value.values())
-    return 0
-
-
-def _mutate(data, tree) -> None:
-    """Apply one mutation (drawn from ``data``) to the parsed params ``tree`` in place."""
-    kind = data.draw(st.sampled_from(MUTATIONS), label="mutation")
-    paths = [p for p in _paths(tree) if p]
-    if not paths:
-        tree[data.draw(KEYS)] = data.draw(JUNK)
-        return
-    path = data.draw(st.sampled_from(paths), label="path")
-    parent, key = _parent(tree, path), path[-1]
-    if kind == "drop":
-        parent.pop(key)  # a dict key or a list index alike
-    elif kind == "add":
-        target = parent[key] if isinstance(parent[key], dict) else parent
-        if isinstance(target, dict):
-            target[data.draw(KEYS, label="new key")] = data.draw(JUNK, label="new value")
-        else:
-            target.append(data.draw(JUNK))
-    elif kind == "replace":
-        parent[key] = data.draw(SCALARS, label="scalar")
-    elif kind == "junk":
-        parent[key] = data.draw(JUNK, label="junk")
-    elif kind == "method":
-        section = parent[key] if isinstance(parent[key], dict) else parent
-        if isinstance(section, dict):
-            tag = data.draw(st.sampled_from(["method", "scheme", "arch", "dataset", "transform", "optimizer"]))
-            section[tag] = data.draw(st.one_of(st.text(max_size=10), st.sampled_from(
-                ["ties", "dare", "gptq", "rtn", "el2n", "magnitude", "vit", "mlp", "pretrained", "rewind"])))
-    else:
-        parent[key] = _swap_type(parent[key])
-
-
-def _garble(data, text: str) -> str:
-    """YAML-level damage: truncate, splice random characters, or break the indentation."""
-    kind = data.draw(st.sampled_from(["truncate", "splice", "indent", "random"]), label="garble")
-    if kind == "random":
-        return data.draw(st.text(alphabet=st.sampled_from(list(":-[]{}#&*!|>'\"%@`, \n\tab01.")), max_size=80))
-    at = data.draw(st.integers(0, len(text)), label="at")
-    if kind == "truncate":
-        return text[:at]
-    if kind == "splice":
-        return text[:at] + data.draw(st.text(max_size=6), label="spliced") + text[at:]
-    lines = text.splitlines()
-    i = at % max(len(lines), 1)
-    return "\n".join(lines[:i] + ["   " + ln for ln in lines[i:i + 1]] + lines[i + 1:])
-
-
-@st.composite
-def params_texts(draw):
-    """(kind, text) of a params file: a mutated preset, a garbled one, or a raw junk document."""
-    preset = draw(st.sampled_from(sorted(PRESETS)), label="preset")
-    kind = draw(st.sampled_from(["mutated"] * 6 + ["garbled", "document"]), label="kind")
-    if kind == "garbled":
-        return kind, _garble(draw(st.data()), PRESETS[preset])
-    if kind == "document":
-        return kind, yaml.safe_dump(draw(JUNK, label="document"))
-    tree = yaml.safe_load(PRESETS[preset]) or {}
-    data = draw(st.data())
-    for _ in range(draw(st.integers(1, 4), label="mutations")):
-        _mutate(data, tree)
-    return kind, yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
-
-
-def test_fuzzed_params_validate_or_give_a_named_error(tmp_path):
-    tally = Counter()
-
-    @settings(FUZZ, max_examples=PARAMS_EXAMPLES)
-    @given(params_texts())
-    def check(case):
-        kind, text = case
-        path = tmp_path / "fuzzed.yaml"
-        path.write_text(text)
-        try:
-            params = load_params(path)
-        except ParamsError as e:
-            problem = _message_problem(e, str(path))
-            if problem:
-                bugs.setdefault(f"ParamsError: {problem}", text)
-            tally[f"{kind}: refused"] += 1
-        except Exception as e:  # noqa: BLE001 - the property: nothing else may escape
-            bugs.setdefault(_bug(e), text)
-            tally[f"{kind}: unhandled"] += 1
-        else:
-            assert isinstance(params, Params)
-            tally[f"{kind}: valid"] += 1
-
-    bugs: dict[str, str] = {}
-    check()
-    TALLY.update({f"params {k}": v for k, v in tally.items()})
-    print(f"\nparams files fuzzed: {sum(tally.values())} {dict(sorted(tally.items()))}")
-    assert not bugs, "\n".join(f"{b}\n  on: {t[:300]!r}" for b, t in bugs.items())
-    assert sum(tally.values()) >= 500
-    assert tally["mutated: valid"] and tally["mutated: refused"]
+DATASET_EXAMPLES = 240
 
 
 # ---------------------------------------------------------------- dataset files
@@ -364,36 +196,22 @@ def ingest_bytes(raw: bytes, source: str) -> int:
     return k
 
 
-def test_fuzzed_dataset_files_load_or_give_a_named_error():
-    tally = Counter()
-
-    @settings(FUZZ, max_examples=DATASET_EXAMPLES)
+def test_fuzzed_dataset_files_load_or_give_a_named_error(fuzz_log):
+    @settings(fuzz_log.settings, max_examples=DATASET_EXAMPLES)
     @given(st.one_of(npz_files().map(lambda c: (".npz", *c)), parquet_files().map(lambda c: (".parquet", *c))))
     def check(case):
         suffix, kind, raw = case
         source = f"data/fuzzed{suffix}"
-        try:
-            ingest_bytes(raw, source)
-        except ArtifactError as e:
-            problem = _message_problem(e, source)
-            if problem:
-                bugs.setdefault(f"ArtifactError: {problem}", kind)
-            tally[f"{suffix} {kind}: refused"] += 1
-        except Exception as e:  # noqa: BLE001 - the property: nothing else may escape
-            bugs.setdefault(_bug(e), kind)
-            tally[f"{suffix} {kind}: unhandled"] += 1
-        else:
-            if kind.startswith(MUST_REFUSE):
-                bugs.setdefault(f"{suffix} {kind} was accepted", kind)
-            tally[f"{suffix} {kind}: loaded"] += 1
+        loaded = fuzz_log.attempt(lambda: ingest_bytes(raw, source), ArtifactError, source, f"{suffix} {kind}", kind)
+        if loaded is not None and kind.startswith(MUST_REFUSE):
+            fuzz_log.bugs.setdefault(f"{suffix} {kind} was accepted", kind)
 
-    bugs: dict[str, str] = {}
     check()
-    TALLY.update({f"dataset {k}": v for k, v in tally.items()})
+    tally = fuzz_log.tally
     total = sum(tally.values())
     by_suffix = {s: sum(v for k, v in tally.items() if k.startswith(s)) for s in (".npz", ".parquet")}
     print(f"\ndataset files fuzzed: {total} {by_suffix}; refused {sum(v for k, v in tally.items() if 'refused' in k)}")
-    assert not bugs, "\n".join(f"{b} (file kind {k})" for b, k in bugs.items())
+    assert not fuzz_log.bugs, fuzz_log.report()
     assert total >= 200 and all(by_suffix.values())
     assert any("loaded" in k for k in tally) and any("refused" in k for k in tally)
 
@@ -401,6 +219,11 @@ def test_fuzzed_dataset_files_load_or_give_a_named_error():
 # ---------------------------------------------------------------- safetensors checkpoints
 
 SAFETENSORS_EXAMPLES = 150
+# JSON values a forged header puts where a dtype, shape or offsets belong
+HEADER_JUNK = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(), st.text(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8)
 
 
 @st.composite
@@ -428,7 +251,7 @@ def safetensors_files(draw):
         return kind, forged.to_bytes(8, "little") + raw[8:]
     name = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")), label="tensor")
     field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "entry"]), label="field")
-    header[name] = {**header[name], field: draw(JUNK, label="forged")} if field != "entry" else draw(JUNK)
+    header[name] = {**header[name], field: draw(HEADER_JUNK, label="forged")} if field != "entry" else draw(HEADER_JUNK)
     text = json.dumps(header).encode()
     return kind, len(text).to_bytes(8, "little") + text + body
 
@@ -441,39 +264,22 @@ def _read_checkpoint(path: Path) -> list:
     return [checkpoint.get(name) for name in checkpoint.names()]
 
 
-def test_fuzzed_safetensors_load_or_give_a_named_error(tmp_path):
+def test_fuzzed_safetensors_load_or_give_a_named_error(tmp_path, fuzz_log):
     from slimforge.artifacts import load_tensors
 
-    tally, bugs, known = Counter(), {}, Counter()
-
-    @settings(FUZZ, max_examples=SAFETENSORS_EXAMPLES)
+    @settings(fuzz_log.settings, max_examples=SAFETENSORS_EXAMPLES)
     @given(safetensors_files())
     def check(case):
         kind, raw = case
         path = tmp_path / "fuzzed.safetensors"
         path.write_bytes(raw)
         for boundary, read in (("load_tensors", load_tensors), ("open_checkpoint", _read_checkpoint)):
-            try:
-                read(path)
-            except ArtifactError as e:
-                problem = _message_problem(e, str(path))
-                if problem and boundary == "load_tensors" and str(path) in str(e).splitlines()[0]:
-                    # slimforge/artifacts.py quotes safetensors' error as is, line breaks of a forged
-                    # header included; counted and reported, not failed here (that file is not ours)
-                    known[kind] += 1
-                elif problem:
-                    bugs.setdefault(f"{boundary}: ArtifactError: {problem}", kind)
-                tally[f"{boundary} {kind}: refused"] += 1
-            except Exception as e:  # noqa: BLE001 - the property: nothing else may escape
-                bugs.setdefault(f"{boundary}: {_bug(e)}", kind)
-                tally[f"{boundary} {kind}: unhandled"] += 1
-            else:
-                tally[f"{boundary} {kind}: loaded"] += 1
+            fuzz_log.attempt(lambda read=read: read(path), ArtifactError, str(path), f"{boundary} {kind}", kind)
 
     check()
-    TALLY.update({f"safetensors {k}": v for k, v in tally.items()})
+    tally = fuzz_log.tally
     print(f"\nsafetensors files fuzzed: {sum(tally.values()) // 2} (each through load_tensors and open_checkpoint) "
-          f"{dict(sorted(tally.items()))}; load_tensors messages split over lines: {sum(known.values())}")
-    assert not bugs, "\n".join(f"{b} (file kind {k})" for b, k in bugs.items())
+          f"{dict(sorted(tally.items()))}")
+    assert not fuzz_log.bugs, fuzz_log.report()
     assert tally["load_tensors valid: loaded"] and tally["open_checkpoint valid: loaded"]
     assert sum(tally.values()) // 2 >= SAFETENSORS_EXAMPLES * 0.9
