@@ -23,49 +23,15 @@ quantize stage's packed modules.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Literal, get_args
-
 import torch
 from torch import Tensor
 
+from kernels.dispatch import KERNELS, Kernel, resolve_kernel, triton_available
 from kernels.int4 import pack_int4, torch_w4a16_matmul, unpack_int4
 from kernels.w8a8 import quantize_activations, torch_w8a8_matmul
 
-Kernel = Literal["auto", "torch", "triton"]
-KERNELS: tuple[str, ...] = get_args(Kernel)
-
 __all__ = ["KERNELS", "Kernel", "pack_int4", "quantize_activations", "resolve_kernel", "triton_available",
            "unpack_int4", "w4a16_matmul", "w8a8_matmul"]
-
-
-def triton_available() -> bool:
-    """True when the triton package is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_kernel(kernel: Kernel, device: torch.device | str) -> Literal["torch", "triton"]:
-    """Turn a ``kernel`` setting into the implementation that will run on ``device``."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
-    device = torch.device(device)
-    if kernel == "torch":
-        return "torch"
-    if kernel == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if not triton_available():
-        raise ValueError("kernel: 'triton' was requested but triton is not installed "
-                         "(pip install 'slimforge[triton]'), or use kernel: torch")
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"kernel: 'triton' needs a CUDA tensor; got device {device.type!r}. "
-                         "Set TRITON_INTERPRET=1 to run it through Triton's CPU interpreter, "
-                         "or use kernel: torch")
-    return "triton"
 
 
 def w4a16_matmul(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
