@@ -28,7 +28,8 @@ from torch import Tensor
 
 from kernels.dispatch import KERNELS, Kernel, resolve_kernel, triton_available
 from kernels.int4 import pack_int4, torch_w4a16_matmul, unpack_int4
-from kernels.w8a8 import quantize_activations, torch_w8a8_matmul
+from kernels.w8a8 import quantize_activations as torch_quantize_activations
+from kernels.w8a8 import torch_w8a8_matmul
 
 __all__ = ["KERNELS", "Kernel", "pack_int4", "quantize_activations", "resolve_kernel", "triton_available",
            "unpack_int4", "w4a16_matmul", "w8a8_matmul"]
@@ -61,3 +62,16 @@ def w8a8_matmul(x_q: Tensor, x_scales: Tensor, w_q: Tensor, w_scales: Tensor,
 
         return triton_w8a8_matmul(x_q, x_scales, w_q, w_scales, out_dtype)
     return torch_w8a8_matmul(x_q, x_scales, w_q, w_scales, out_dtype)
+
+
+def quantize_activations(x: Tensor, granularity: str = "per_token", kernel: Kernel = "auto") -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric int8 activations: x (M, K) -> (codes int8 (M, K), scales float32 (M,)).
+
+    Per token, the Triton path computes the reference's codes exactly in one kernel; per tensor
+    always runs the reference (a whole-tensor maximum first). See ``kernels.w8a8``.
+    """
+    if granularity == "per_token" and resolve_kernel(kernel, x.device) == "triton":
+        from kernels.triton_w8a8 import triton_quantize_activations  # lazy: imports triton
+
+        return triton_quantize_activations(x)
+    return torch_quantize_activations(x, granularity)

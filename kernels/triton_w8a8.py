@@ -11,6 +11,13 @@ tile by its rows' activation scales and its columns' weight scales in float32 (o
 the raw int32 accumulator when the output is int32). Masks cover M = 1, N and K not
 multiples of the blocks.
 
+``triton_quantize_activations`` is the run-time half of W8A8: per-token symmetric int8 codes
+and scales of the activations (``kernels.w8a8.quantize_activations``, the spec) in one
+kernel — each program owns BLOCK_M rows, finds their max |x| in one sweep over K and writes
+codes in a second — instead of torch's abs / amax / divide / round / clamp / cast chain.
+Its division is IEEE (``div_rn``) and its rounding half-to-even, as ``torch.round``, so the
+codes equal the reference's exactly.
+
 This module imports Triton at import time; ``kernels/__init__.py`` imports it only when
 the Triton path is chosen. Under ``TRITON_INTERPRET=1`` it runs on CPU tensors.
 """
@@ -22,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.w8a8 import check_w8a8_args
+from kernels.w8a8 import QMAX, check_w8a8_args
 
 
 @triton.jit
@@ -56,6 +63,53 @@ def _w8a8_kernel(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(y_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round's rounding (ties to even) from floor; values of 2^23 and more are integers."""
+    r = tl.floor(v + 0.5)
+    odd_tie = ((r - v) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
+    return tl.where(tl.abs(v) >= 8388608.0, v, tl.where(odd_tie, r - 1.0, r))
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
+                          QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    mask_m = offs_m < M
+    top = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # sweep 1: the row maxima
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+        top = tl.maximum(top, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    scale = tl.where(top > 0, tl.math.div_rn(top, QMAX * 1.0), 1.0)  # (BM,); an all-zero row gets 1
+    tl.store(s_ptr + offs_m, scale, mask=mask_m)
+    for k0 in range(0, K, BLOCK_K):  # sweep 2: the codes
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+        q = _round_half_even(tl.math.div_rn(x.to(tl.float32), scale[:, None]))
+        q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
+        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, q.to(tl.int8), mask=mask)
+
+
+def triton_quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token symmetric int8: x (M, K) float -> (codes int8 (M, K), scales float32 (M,))."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_activations: expected x of shape (M, K), got {tuple(x.shape)}")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scales = torch.ones((m,), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, scales
+    block_m = 4 if m >= 4 else 1
+    _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+        x, q, scales, m, k, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+        QMAX=QMAX, BLOCK_M=block_m, BLOCK_K=min(1024, triton.next_power_of_2(k)),
+    )
+    return q, scales
 
 
 def _blocks(m: int, n: int, k: int) -> tuple[int, int, int]:

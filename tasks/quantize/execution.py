@@ -172,7 +172,7 @@ class W8A8Linear(PackedLinear):
     def _matmul(self, x: Tensor) -> Tensor:
         if self._prepacked is not None:
             return int8_dynamic_matmul(x, self._prepacked, per_token=self.activations == "per_token")
-        x_q, x_scales = kernels.quantize_activations(x, self.activations)  # (M, K) int8, (M,)
+        x_q, x_scales = kernels.quantize_activations(x, self.activations, self.kernel)  # (M, K) int8, (M,)
         return kernels.w8a8_matmul(x_q, x_scales, self.weight_int8, self.scales, out_dtype=x.dtype, kernel=self.kernel)
 
     def extra_repr(self) -> str:

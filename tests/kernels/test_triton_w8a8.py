@@ -78,3 +78,17 @@ def test_w8a8_linear_runs_the_triton_kernel():
         want, got = ref(x), tri(x.to(device)).cpu()
     assert tri.engine == "triton" and got.shape == (1, 5, 37)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k", [(1, 96), (5, 37), (9, 1100)])  # K past one 1024 sweep block
+def test_triton_activation_codes_equal_reference(m, k):
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, :7] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.0, 0.25])  # exact ties at scale 1 below
+    x[0, 7] = 127.0  # row 0's scale is exactly 1, so its ties are rounded as they stand
+    if m > 2:
+        x[2] = 0.0  # an all-zero row keeps scale 1 and codes 0
+    ref_q, ref_s = quantize_activations(x, "per_token")
+    q, s = kernels.quantize_activations(x.to(DEVICE), "per_token", kernel="triton")
+    assert torch.equal(s.cpu(), ref_s), f"max scale diff {(s.cpu() - ref_s).abs().max().item():.3e}"
+    assert torch.equal(q.cpu(), ref_q), f"{int((q.cpu() != ref_q).sum())} codes differ"
