@@ -27,6 +27,7 @@ paper writes its own kernel for them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field
@@ -63,15 +64,27 @@ def candidate_axes(w: Tensor, cfg: GridConfig) -> list[Axis]:
     return ["input", "output"] if fits(w.shape[0], cfg) else ["input"]
 
 
-def adadim_layer(w: Tensor, x: Tensor, taps: int, cfg: GridConfig) -> QuantizedLayer:
-    """RTN of one layer w (N, K) along the axis of least output error on x (M, K); ``taps`` unused."""
+def least_error_layer(w: Tensor, x: Tensor, cfg: GridConfig,
+                      quantize_along: Callable[[Axis], QuantizedLayer]) -> QuantizedLayer:
+    """The layer ``quantize_along(axis)`` gives on cfg's group axis; ``adaptive`` tries every
+    candidate axis and keeps the least calibration output error on x (M, K) (ties: input).
+    A fixed output axis falls back to input when N does not fit the grid."""
+    if cfg.group_axis == "adaptive":
+        axes = candidate_axes(w, cfg) if cfg.granularity != "tensor" else ["input"]
+    else:
+        axes = ["output"] if cfg.group_axis == "output" and fits(w.shape[0], cfg) else ["input"]
     best: tuple[float, QuantizedLayer] | None = None
-    for axis in candidate_axes(w, cfg):
-        layer = quantize_layer(w, cfg, axis)
-        err = output_error(w, layer, x)
+    for axis in axes:
+        layer = quantize_along(axis)
+        err = output_error(w, layer, x) if len(axes) > 1 else 0.0
         if best is None or err < best[0]:
             best = (err, layer)
     return best[1]
+
+
+def adadim_layer(w: Tensor, x: Tensor, taps: int, cfg: GridConfig) -> QuantizedLayer:
+    """RTN of one layer w (N, K) along the axis of least output error on x (M, K); ``taps`` unused."""
+    return least_error_layer(w, x, cfg, lambda axis: quantize_layer(w, cfg, axis))
 
 
 def quantize_adadim(model: nn.Module, x: Tensor | None, cfg: AdadimConfig) -> dict[str, QuantizedLayer]:

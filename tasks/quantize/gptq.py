@@ -33,6 +33,12 @@ Not the reference's: the grid is this stage's (``rtn.fit_grid``, METHODS.md "Sha
 definitions"), so GPTQ and RTN are compared on the same grid; and since packed storage keeps
 contiguous groups (no per-column group index), ``act_order`` with groups needs
 ``static_groups``.
+
+``group_axis: output | adaptive`` is AdaDim's pairing with GPTQ (Heo et al., ICLR 2024,
+``adadim.py``): per-IC groups (a scale per input column and group of output rows) suit GPTQ's
+column order, since each column's grid is fitted from its error-updated values just before the
+column is rounded; ``adaptive`` runs GPTQ along both axes and keeps the one of least
+calibration output error, per layer.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from tasks.quantize.adadim import Axis, least_error_layer
 from tasks.quantize.layerwise import QuantizedLayer, quantize_in_order
 from tasks.quantize.rtn import GridConfig, QuantizedWeight, fit_grid, group_size, round_to_grid
 
@@ -80,21 +87,34 @@ def _upper_inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(h_inv, upper=True)
 
 
-def gptq_weight(w: Tensor, h: Tensor, cfg: GptqConfig) -> QuantizedWeight:
-    """Quantize w (N, K) against the Hessian h (K, K) of its inputs; codes in w's column order."""
+def _column_grid(v: Tensor, cfg: GridConfig, g: int) -> tuple[Tensor, Tensor]:
+    """Per-IC grid of one weight column v (N,): a scale and zero per group of g output rows (N/g,)."""
+    s, z = fit_grid(v.reshape(1, -1, g), cfg, per_tensor=False)  # (1, N/g)
+    return s[0], (z[0] if z is not None else torch.zeros_like(s[0]))
+
+
+def gptq_weight(w: Tensor, h: Tensor, cfg: GptqConfig, axis: Axis = "input") -> QuantizedWeight:
+    """Quantize w (N, K) against the Hessian h (K, K) of its inputs; codes in w's column order.
+
+    ``axis: output`` (AdaDim's per-IC, ``adadim.py``) gives every input column its own scales, one
+    per group of g output rows, fitted when the column comes up (from W with ``static_groups``);
+    the result then holds Wᵀ's codes and scales (K, N/g), as ``layerwise.quantize_layer`` stores it.
+    """
     w, h = w.detach().double().clone(), h.double().clone()
     n, k = w.shape
-    g = group_size(cfg, k)
+    per_ic = axis == "output"
+    g = group_size(cfg, n if per_ic else k)  # weights per scale, along N (per-IC) or along K
     grouped = cfg.granularity == "group"
-    scales, zeros = torch.ones(n, k // g, dtype=w.dtype), torch.zeros(n, k // g, dtype=w.dtype)
-    if not grouped:  # one grid for the whole row (channel) or matrix (tensor), from W as given
+    shape = (k, n // g) if per_ic else (n, k // g)
+    scales, zeros = torch.ones(shape, dtype=w.dtype), torch.zeros(shape, dtype=w.dtype)
+    if not grouped and not per_ic:  # one grid for the whole row (channel) or matrix (tensor), from W as given
         s, z = fit_grid(w[:, None, :], cfg, per_tensor=cfg.granularity == "tensor")  # (N, 1)
         scales, zeros = s, (z if z is not None else zeros)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    if grouped and cfg.static_groups:
-        s, z = fit_grid(w.reshape(n, k // g, g), cfg, per_tensor=False)  # (N, G)
+    if cfg.static_groups and (grouped or per_ic):
+        s, z = fit_grid(w.t().reshape(k, n // g, g) if per_ic else w.reshape(n, k // g, g), cfg, per_tensor=False)
         scales, zeros = s, (z if z is not None else zeros)
     perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
@@ -105,11 +125,18 @@ def gptq_weight(w: Tensor, h: Tensor, cfg: GptqConfig) -> QuantizedWeight:
         w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype)
         for i in range(i2 - i1):
             col = i1 + i
-            grp = int(perm[col]) // g  # the stored group of this column
-            if grouped and not cfg.static_groups and col % g == 0:  # a group starts (perm is the identity here)
-                s, z = fit_grid(w[:, None, col:col + g], cfg, per_tensor=False)
-                scales[:, grp], zeros[:, grp] = s[:, 0], (z[:, 0] if z is not None else 0)
-            s, z = scales[:, grp], (zeros[:, grp] if not cfg.symmetric else None)
+            if per_ic:  # this column's own grid, repeated over the rows of each group
+                src = int(perm[col])
+                if not cfg.static_groups:
+                    scales[src], zeros[src] = _column_grid(w1[:, i], cfg, g)
+                s, z = scales[src].repeat_interleave(g), zeros[src].repeat_interleave(g)  # (N,)
+            else:
+                grp = int(perm[col]) // g  # the stored group of this column
+                if grouped and not cfg.static_groups and col % g == 0:  # a group starts (perm is the identity)
+                    gs, gz = fit_grid(w[:, None, col:col + g], cfg, per_tensor=False)
+                    scales[:, grp], zeros[:, grp] = gs[:, 0], (gz[:, 0] if gz is not None else 0)
+                s, z = scales[:, grp], zeros[:, grp]
+            z = None if cfg.symmetric else z
             q = round_to_grid(w1[:, i], s, z, cfg)  # (N,)
             codes[:, col] = q
             e = (w1[:, i] - s * (q - (z if z is not None else 0))) / u[col, col]  # (N,)
@@ -117,14 +144,18 @@ def gptq_weight(w: Tensor, h: Tensor, cfg: GptqConfig) -> QuantizedWeight:
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]  # lazy batch update of the columns after the block
     codes = codes[:, torch.argsort(perm)]
-    return QuantizedWeight(codes=codes.to(torch.int8 if cfg.symmetric else torch.uint8),
+    if per_ic:
+        codes = codes.t()
+    return QuantizedWeight(codes=codes.contiguous().to(torch.int8 if cfg.symmetric else torch.uint8),
                            scales=scales.float().contiguous(),
                            zeros=None if cfg.symmetric else zeros.float().contiguous(),
-                           bits=cfg.bits, group_size=g, shape=(n, k))
+                           bits=cfg.bits, group_size=g, shape=(k, n) if per_ic else (n, k))
 
 
 def _gptq_layer(w: Tensor, x: Tensor, taps: int, cfg: GptqConfig) -> QuantizedLayer:
-    return QuantizedLayer(gptq_weight(w, hessian(x), cfg))
+    """GPTQ along cfg's group axis; ``adaptive`` (AdaDim + GPTQ) keeps the axis of least output error."""
+    h = hessian(x)
+    return least_error_layer(w, x, cfg, lambda axis: QuantizedLayer(gptq_weight(w, h, cfg, axis), group_axis=axis))
 
 
 def quantize_gptq(model: nn.Module, x: Tensor, cfg: GptqConfig) -> dict[str, QuantizedLayer]:

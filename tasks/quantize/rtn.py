@@ -19,7 +19,7 @@ so the packed storage and ``kernels/`` can run the real low-bit matmul.
 compared with RTN on the same grid; ``fit_grid`` and ``round_to_grid`` are the two halves of
 the quantizer that GPTQ calls column by column. Two options of the grid apply to every method
 but are implemented once outside it: ``lorc_rank``/``lorc_bits`` (``lorc.py``, after any PTQ
-method) and ``group_axis`` (``adadim.py``; rtn and adadim only).
+method) and ``group_axis`` (``adadim.py``; rtn, adadim and gptq).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-AXIS_METHODS = {"output": ("rtn", "adadim"), "adaptive": ("adadim",)}  # methods that take group_axis != input
+AXIS_METHODS = {"output": ("rtn", "adadim", "gptq"), "adaptive": ("adadim", "gptq")}  # methods that take group_axis != input
 NO_LORC_METHODS = ("qat",)  # methods that train their weights: LoRC's post-training correction does not apply
 
 
@@ -53,7 +53,7 @@ class GridConfig(BaseModel):
         description="the axis a scale's weights run along: 'input' = one scale per output row and group of "
                     "input channels (scales (N, K/g)); 'output' = one scale per input column and group of output "
                     "rows (scales (N/g, K), AdaDim's per-IC); 'adaptive' = the one of least calibration output "
-                    "error per layer (methods rtn [input, output] and adadim only; adaptive needs adadim)")
+                    "error per layer (methods rtn [input, output], adadim and gptq; adaptive needs adadim or gptq)")
     lorc_rank: int = Field(
         default=0, ge=0,
         description="LoRC (ZeroQuant-V2): rank r of the SVD correction of each layer's quantization error, "

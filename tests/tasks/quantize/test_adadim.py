@@ -16,6 +16,7 @@ from slimforge.config import validate_params
 from slimforge.models import MLPConfig
 from tasks.quantize import GptqConfig, get_method
 from tasks.quantize.adadim import AdadimConfig, adadim_layer, output_error
+from tasks.quantize.awq import AwqConfig
 from tasks.quantize.layerwise import layer_inputs, quantizable, quantize_layer
 from tasks.quantize.lorc import apply_lorc
 from tasks.quantize.packed import load_quantized, pack_layers, read_layers, save_packed
@@ -95,9 +96,10 @@ def test_output_axis_layers_round_trip_to_their_effective_weight(cfg, tmp_path, 
 
 
 def test_group_axis_settings_are_validated():
-    with pytest.raises(ValidationError, match="group_axis: 'output' is supported by method rtn or adadim"):
-        GptqConfig(name="g", method="gptq", bits=4, group_axis="output")
-    with pytest.raises(ValidationError, match="'adaptive' is supported by method adadim"):
+    with pytest.raises(ValidationError, match="group_axis: 'output' is supported by method rtn or adadim or gptq"):
+        AwqConfig(name="a", method="awq", bits=4, group_axis="output")
+    assert GptqConfig(name="g", method="gptq", bits=4, group_axis="adaptive").group_axis == "adaptive"
+    with pytest.raises(ValidationError, match="'adaptive' is supported by method adadim or gptq"):
         RtnConfig(name="r", bits=4, group_axis="adaptive")
     params = validate_params({"quantize": {"variants": [{"name": "a", "method": "adadim", "bits": 3}]}}, "p.yaml")
     assert params.quantize.variants[0].group_axis == "adaptive"

@@ -4,6 +4,8 @@ import pydantic
 import pytest
 import torch
 
+from slimforge.models import MLPConfig
+from tasks.quantize.adadim import output_error as layer_error
 from tasks.quantize.gptq import GptqConfig, gptq_weight, hessian, quantize_gptq
 from tasks.quantize.layerwise import layer_inputs, quantizable
 from tasks.quantize.rtn import RtnConfig, code_range, dequantize, quantize_weight
@@ -121,3 +123,56 @@ def test_lower_layer_error_than_rtn_on_trained_layers(grid, arch, request, digit
 def test_model_quantization_needs_calibration(trained_mlp):
     with pytest.raises(ValueError, match="'g' .method gptq. needs calibration inputs"):
         quantize_gptq(trained_mlp, None, gptq((4, "channel", True)))
+
+
+def per_ic_error(w: torch.Tensor, qw, x: torch.Tensor) -> float:
+    """output_error of a per-IC result, which holds Wᵀ's codes."""
+    return output_error(w, dequantize(qw).t(), x)
+
+
+@pytest.mark.parametrize("grid", [(3, "group", True), (4, "group", False), (3, "channel", True)], ids=grid_id)
+def test_per_ic_gptq_beats_per_ic_rtn_on_trained_layers(grid, trained_mlp, digits_split):
+    """AdaDim's pairing: GPTQ along the output axis (a grid per input column, fitted from the
+    error-updated column) has lower layer output error than RTN on the same per-IC grid."""
+    calib = digits_split[0][:256]
+    for name, module in quantizable(trained_mlp, rtn(grid)).items():
+        w = module.weight.detach()
+        if w.shape[0] % 16:
+            continue  # the head's 10 rows hold no group of 16
+        x = layer_inputs(trained_mlp, module, calib)
+        qw = gptq_weight(w, hessian(x), gptq(grid), axis="output")
+        assert qw.shape == (w.shape[1], w.shape[0]) and tuple(qw.scales.shape[:1]) == (w.shape[1],)
+        qmin, qmax = code_range(grid[0], grid[2])
+        assert int(qw.codes.min()) >= qmin and int(qw.codes.max()) <= qmax
+        e_rtn = per_ic_error(w, quantize_weight(w.t(), rtn(grid)), x)
+        e = per_ic_error(w, qw, x)
+        assert e < e_rtn, f"{name}: per-IC GPTQ {e:.4f} vs per-IC RTN {e_rtn:.4f}"
+
+
+def test_per_ic_gptq_with_identity_hessian_is_per_ic_rtn():
+    """With H = I there is no error to feed forward: each column is rounded on its own grid, as RTN of Wᵀ."""
+    w = weight(3, n=32, k=40)
+    for cfg in (gptq((4, "group", True)), gptq((3, "group", False), static_groups=True)):
+        qw = gptq_weight(w, torch.eye(40, dtype=torch.float64), cfg, axis="output")
+        ref = quantize_weight(w.t().float(), RtnConfig(name="r", bits=cfg.bits, granularity="group",
+                                                     group_size=16, symmetric=cfg.symmetric))
+        assert torch.equal(qw.codes, ref.codes) and torch.allclose(qw.scales, ref.scales)
+
+
+def test_adaptive_gptq_keeps_the_axis_of_least_error(make_model):
+    """method gptq, group_axis adaptive (AdaDim + GPTQ): each layer's result is whichever fixed-axis
+    GPTQ gives the smaller calibration output error, an outlier input channel tipping it to per-IC."""
+    model = make_model(MLPConfig(hidden=[64, 64]), (64,), 10, seed=1).eval()
+    with torch.no_grad():
+        model.backbone[1].weight[:, 5] *= 20  # outlier input channel
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(2))
+    base = {"name": "g", "method": "gptq", "bits": 3, "granularity": "group", "group_size": 32}
+    adaptive = quantize_gptq(model, x, GptqConfig(**base, group_axis="adaptive"))
+    fixed = {axis: quantize_gptq(model, x, GptqConfig(**base, group_axis=axis)) for axis in ("input", "output")}
+    assert adaptive["backbone.1"].group_axis == "output"
+    assert adaptive["head"].group_axis == "input"  # 10 rows: no per-IC groups of 32
+    inputs = layer_inputs(model, model.backbone[1], x)
+    w = model.backbone[1].weight.detach()
+    errors = {axis: layer_error(w, fixed[axis]["backbone.1"], inputs) for axis in fixed}
+    assert errors["output"] < errors["input"], errors
+    assert layer_error(w, adaptive["backbone.1"], inputs) == pytest.approx(min(errors.values()), rel=1e-6)
