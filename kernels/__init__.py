@@ -2,8 +2,8 @@
 
 Every op has a torch reference (``torch_*``, the spec) and, where it pays, a Triton
 kernel (``triton_*``) with the same signature. Callers pick with an explicit
-``kernel: auto | torch | triton`` argument, resolved here by ``resolve_kernel`` and
-nowhere else:
+``kernel: auto | torch | triton`` argument, resolved by ``kernels.dispatch.resolve_kernel``
+and nowhere else:
 
 - ``"torch"`` always runs the reference.
 - ``"triton"`` runs the Triton kernel; on a CPU tensor that is only possible through
@@ -11,12 +11,16 @@ nowhere else:
   imported) and raises a ValueError otherwise.
 - ``"auto"`` picks Triton only for CUDA tensors when Triton is installed, else torch.
 
-Ops: ``w4a16_matmul`` (group-wise uint4 weights, float activations; ``kernels.int4``) and
-``w8a8_matmul`` (int8 weights and int8 per-token or per-tensor activations, int32
-accumulate; ``kernels.w8a8``, with ``quantize_activations`` for the run-time int8 codes).
+Ops:
 
-Triton is imported lazily, inside ``kernels.triton_int4`` / ``kernels.triton_w8a8``, the
-first time a Triton path runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
+- ``w4a16_matmul``: group-wise uint4 weights, float activations (``kernels.int4``).
+- ``w8a8_matmul``: int8 weights and int8 per-token or per-tensor activations, int32
+  accumulate (``kernels.w8a8``), with ``quantize_activations`` for the run-time int8 codes.
+- ``fake_quant``: QAT's fake quantization with its STE and LSQ gradients, one op forward and
+  one backward (``kernels.fake_quant``).
+
+Triton is imported lazily, inside the ``kernels.triton_*`` modules, the first time a Triton
+path runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
 ``_weight_*pack_mm`` kernels) live in ``kernels.cpu`` and are called directly by the
 quantize stage's packed modules.
 """
@@ -27,11 +31,12 @@ import torch
 from torch import Tensor
 
 from kernels.dispatch import KERNELS, Kernel, resolve_kernel, triton_available
+from kernels.fake_quant import fake_quant
 from kernels.int4 import pack_int4, torch_w4a16_matmul, unpack_int4
 from kernels.w8a8 import quantize_activations as torch_quantize_activations
 from kernels.w8a8 import torch_w8a8_matmul
 
-__all__ = ["KERNELS", "Kernel", "pack_int4", "quantize_activations", "resolve_kernel", "triton_available",
+__all__ = ["KERNELS", "Kernel", "fake_quant", "pack_int4", "quantize_activations", "resolve_kernel", "triton_available",
            "unpack_int4", "w4a16_matmul", "w8a8_matmul"]
 
 

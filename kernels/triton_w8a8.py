@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.triton_common import round_half_even
 from kernels.w8a8 import QMAX, check_w8a8_args
 
 
@@ -66,14 +67,6 @@ def _w8a8_kernel(
 
 
 @triton.jit
-def _round_half_even(v):
-    """torch.round's rounding (ties to even) from floor; values of 2^23 and more are integers."""
-    r = tl.floor(v + 0.5)
-    odd_tie = ((r - v) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
-    return tl.where(tl.abs(v) >= 8388608.0, v, tl.where(odd_tie, r - 1.0, r))
-
-
-@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_qk,
                           QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
@@ -90,7 +83,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, strid
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_m[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        q = _round_half_even(tl.math.div_rn(x.to(tl.float32), scale[:, None]))
+        q = round_half_even(tl.math.div_rn(x.to(tl.float32), scale[:, None]))
         q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
         tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, q.to(tl.int8), mask=mask)
 

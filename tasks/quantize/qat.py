@@ -71,6 +71,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from kernels.dispatch import Kernel
 from slimforge.models import ATTENTION
 from slimforge.training import FitConfig, fit
 from tasks.quantize.layerwise import QuantizedLayer, fits, quantizable
@@ -130,23 +131,24 @@ class QatLayers(dict):
         self.tensors = tensors or {}
 
 
-def prepare(model: nn.Module, cfg: QatConfig) -> dict[str, WeightQuantizer]:
-    """Parametrize every quantizable layer's weight of ``model`` (in place) with cfg's quantizer."""
+def prepare(model: nn.Module, cfg: QatConfig, kernel: Kernel = "auto") -> dict[str, WeightQuantizer]:
+    """Parametrize every quantizable layer's weight of ``model`` (in place) with cfg's quantizer,
+    fake-quantizing on ``kernel``."""
     quantizers = {}
     for name, module in quantizable(model, cfg).items():
-        quantizers[name] = QUANTIZERS[cfg.quantizer](module.weight, cfg)
+        quantizers[name] = QUANTIZERS[cfg.quantizer](module.weight, cfg, kernel)
         parametrize.register_parametrization(module, "weight", quantizers[name])
     return quantizers
 
 
-def prepare_qkr(model: nn.Module, cfg: QatConfig) -> dict[str, QkrAttention]:
+def prepare_qkr(model: nn.Module, cfg: QatConfig, kernel: Kernel = "auto") -> dict[str, QkrAttention]:
     """Replace every attention of ``model`` (in place) with its ``QkrAttention``, by module name.
     An attention whose width does not fit cfg's grid (group size) stays as it is."""
     out = {}
     for name, module in list(model.named_modules()):
         if name and isinstance(module, ATTENTION) and fits(module.in_proj_weight.shape[1], cfg):
             parent, _, child = name.rpartition(".")
-            out[name] = QkrAttention(module, cfg)
+            out[name] = QkrAttention(module, cfg, kernel)
             setattr(model.get_submodule(parent), child, out[name])
     return out
 
@@ -247,16 +249,17 @@ def _train(work: nn.Module, x: Tensor, y: Tensor, fit_cfg: FitConfig, g: torch.G
         row["loss"] = round(loss, 6)
 
 
-def quantize_qat(model: nn.Module, data: tuple[Tensor, Tensor], cfg: QatConfig) -> QatLayers:
-    """QAT of ``model`` on ``data`` = (x, y), the labelled train split; ``model`` is not modified."""
+def quantize_qat(model: nn.Module, data: tuple[Tensor, Tensor], cfg: QatConfig, kernel: Kernel = "auto") -> QatLayers:
+    """QAT of ``model`` on ``data`` = (x, y), the labelled train split; ``model`` is not modified.
+    ``kernel`` picks the fake-quant op's implementation (``kernels.fake_quant``)."""
     if not isinstance(data, tuple) or len(data) != 2:
         raise ValueError(f"quantize.variants: {cfg.name!r} (method qat) needs the labelled train split (x, y)")
     x, y = data
     work = copy.deepcopy(model)
     for p in work.parameters():
         p.requires_grad_(False)
-    quantizers = prepare(work, cfg)
-    qkr = prepare_qkr(work, cfg) if cfg.qkr else {}
+    quantizers = prepare(work, cfg, kernel)
+    qkr = prepare_qkr(work, cfg, kernel) if cfg.qkr else {}
     latent = latent_weights(work, quantizers)
     for p in latent.values():
         p.requires_grad_(True)

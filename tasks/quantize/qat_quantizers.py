@@ -23,6 +23,10 @@ per tensor, output channel or group. They differ in where s comes from and in th
   zero level; ours are s·k, k ∈ [qmin, qmax] (same range, step and level count, shifted half a
   step) because the packed format and the low-bit kernels store integer codes with zero-point 0.
 
+All three run ``kernels.fake_quant.fake_quant`` (ŵ and both gradients in one op; Triton on
+CUDA with ``kernel: auto``): ``ste`` and ``lsq`` with the clipped gradient to w, ``ofq`` with
+the identity; only LSQ's step requires a gradient.
+
 Steps are rounded to float16 in the forward (straight-through) because the packed artifact
 stores scales as float16: the exported model then computes exactly the fake-quant forward.
 
@@ -42,12 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dispatch import Kernel
+from kernels.fake_quant import fake_quant
 from tasks.quantize.rtn import GridConfig, QuantizedWeight, code_range, group_size
-
-
-def round_pass(x: Tensor) -> Tensor:
-    """round(x) in the forward, identity gradient."""
-    return x + (torch.round(x) - x).detach()
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:
@@ -61,10 +62,14 @@ def _fp16(s: Tensor) -> Tensor:
 
 
 class WeightQuantizer(nn.Module, abc.ABC):
-    """Fake-quantizes one weight (N, ...) as a ``torch.nn.utils.parametrize`` parametrization."""
+    """Fake-quantizes one weight (N, ...) as a ``torch.nn.utils.parametrize`` parametrization,
+    on the fake-quant op ``kernel`` picks (``kernels.fake_quant``)."""
 
-    def __init__(self, weight: Tensor, cfg: GridConfig):
+    clip_grad = True  # the gradient to w: clipped to the grid's range, or the identity
+
+    def __init__(self, weight: Tensor, cfg: GridConfig, kernel: Kernel = "auto"):
         super().__init__()
+        self.kernel = kernel
         self.bits = cfg.bits
         self.qmin, self.qmax = code_range(cfg.bits, symmetric=True)
         self.group = group_size(cfg, weight[0].numel())
@@ -78,8 +83,9 @@ class WeightQuantizer(nn.Module, abc.ABC):
         """The step s, broadcastable to ``wg`` (N, G, g): (N, G, 1), or (1, 1, 1) per tensor."""
 
     def quantize(self, wg: Tensor, s: Tensor) -> Tensor:
-        """ŵ with clipped straight-through gradients to w (and, through s, to a learned step)."""
-        return round_pass(torch.clamp(wg / s, self.qmin, self.qmax)) * s
+        """ŵ with straight-through gradients to w (clipped unless ``clip_grad`` is off) and, when s
+        requires one, LSQ's to s."""
+        return fake_quant(wg, s, self.qmin, self.qmax, clip_grad=self.clip_grad, kernel=self.kernel)
 
     def forward(self, w: Tensor) -> Tensor:
         wg = self.grouped(w)
@@ -118,8 +124,8 @@ class SteQuantizer(WeightQuantizer):
 class LsqQuantizer(WeightQuantizer):
     """Esser et al. 2020: a learned step per unit, its gradient scaled by 1/√(N_w·Q_P)."""
 
-    def __init__(self, weight: Tensor, cfg: GridConfig):
-        super().__init__(weight, cfg)
+    def __init__(self, weight: Tensor, cfg: GridConfig, kernel: Kernel = "auto"):
+        super().__init__(weight, cfg, kernel)
         wg = self.grouped(weight.detach().float())
         init = 2 * wg.abs().mean(dim=self.dims, keepdim=True) / self.qmax**0.5  # 2·mean|w| / √Q_P
         self.step_size = nn.Parameter(init.clamp_min(1e-8))  # (N, G, 1) or (1, 1, 1)
@@ -133,12 +139,11 @@ class LsqQuantizer(WeightQuantizer):
 class StatsQuantizer(WeightQuantizer):
     """OFQ's StatsQ: clip α = 2·mean|w| per unit (detached), step α / 2^(b−1), identity gradient to w."""
 
+    clip_grad = False
+
     def step(self, wg: Tensor) -> Tensor:
         s = 2 * wg.detach().abs().mean(dim=self.dims, keepdim=True) / 2 ** (self.bits - 1)
         return torch.where(s > 0, s, torch.ones_like(s))
-
-    def quantize(self, wg: Tensor, s: Tensor) -> Tensor:
-        return wg + (torch.clamp(torch.round(wg / s), self.qmin, self.qmax) * s - wg).detach()
 
 
 QUANTIZERS: dict[str, type[WeightQuantizer]] = {"ste": SteQuantizer, "lsq": LsqQuantizer, "ofq": StatsQuantizer}
@@ -204,7 +209,7 @@ class QkrAttention(nn.Module):
     softmax and x_m·(W_kᵀ b_q) is kept exactly.
     """
 
-    def __init__(self, attn: nn.Module, cfg: GridConfig):
+    def __init__(self, attn: nn.Module, cfg: GridConfig, kernel: Kernel = "auto"):
         super().__init__()
         if isinstance(attn, nn.MultiheadAttention):
             if not (attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None
@@ -221,7 +226,7 @@ class QkrAttention(nn.Module):
         self.register_buffer("value_weight", w[2 * inner:].clone())  # (inner, C)
         self.register_buffer("in_proj_bias", bias.clone())  # (3·inner,)
         self.out_proj = attn.out_proj
-        self.quantizer = StatsQuantizer(self.product().detach(), cfg)
+        self.quantizer = StatsQuantizer(self.product().detach(), cfg, kernel)
         self.boundary_range: float | None = None  # set during CGA
 
     def product(self) -> Tensor:

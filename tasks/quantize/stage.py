@@ -57,7 +57,10 @@ def run(params, ws, fanout=None) -> dict:
             target = d / variant.name
             target.mkdir()
             method = get_method(variant.method)
-            layers = method.quantize(base, dataset.part("train") if method.data == "train" else calib_x, variant)
+            if method.data == "train":  # QAT: trains through the fake-quant op that cfg.kernel picks
+                layers = method.quantize(base, dataset.part("train"), variant, kernel=cfg.kernel)
+            else:
+                layers = method.quantize(base, calib_x, variant)
             layers = apply_lorc(base, layers, variant)  # LoRC after any PTQ method (lorc_rank > 0)
             tensors = pack_layers(base, layers)
             save_packed(target / WEIGHTS, tensors, variant)
