@@ -125,13 +125,29 @@ def load_multihead(directory: Path) -> dict[str, Classifier]:
     return models
 
 
+def pruned_2to4(meta: dict) -> bool:
+    """True when meta.json says the prune stage's nm method made every pruned Linear fit 2:4
+    (at most 2 nonzeros in every 4 inputs: n:m with m dividing 4 and n·4/m <= 2)."""
+    if meta.get("stage") != "prune" or meta.get("method") != "nm":
+        return False
+    n, m = meta.get("config", {}).get("n"), meta.get("config", {}).get("m")
+    return isinstance(n, int) and isinstance(m, int) and m > 0 and 4 % m == 0 and n * (4 // m) <= 2
+
+
 def load_any(directory: Path, device: torch.device | str = "cpu"):
     """A dense model, or a packed quantized one executed by the real low-bit kernels, on ``device``
-    (a packed model is built there: its execution modules depend on the device)."""
+    (a packed model is built there: its execution modules depend on the device). On a CUDA device a
+    2:4-pruned model (``pruned_2to4``) runs its 2:4 Linear layers on the GPU's sparse tensor cores
+    where it has them (``kernels.sparse24``), so it is timed with the kernel it would really run on."""
     meta = read_meta(directory)
     if meta.get("format") == "packed":
         from tasks.quantize import load_packed_artifact  # the quantize stage owns the packed layout
 
         model = build_from_spec(meta["model"]).to(device)
         return load_packed_artifact(Path(directory), model, meta.get("kernel", "auto"))
-    return load_model(directory).to(device)
+    model = load_model(directory).to(device)
+    if torch.device(device).type == "cuda" and pruned_2to4(meta):
+        from kernels.sparse24 import sparsify_24
+
+        sparsify_24(model, "auto")  # semi-structured on compute capability >= 8.0, else left dense
+    return model

@@ -30,7 +30,7 @@ from scipy import stats
 
 from slimforge.artifacts import WEIGHTS, atomic_dir, read_meta, write_json_atomic
 from slimforge.averaging import average_states
-from slimforge.checkpoint import load_any, load_model, load_multihead
+from slimforge.checkpoint import load_any, load_model, load_multihead, pruned_2to4
 from slimforge.data import load_dataset
 from slimforge.transforms import task_data
 from tasks.evaluate.baselines import compare, quantize_pairs
@@ -93,13 +93,15 @@ class Harness:
         return row
 
     def on_accelerator(self, model, directory: Path) -> dict:
-        """The gpu_* columns: latency and peak memory of the model on the accelerator. A packed model
-        is loaded again there (its execution modules are chosen per device); a dense one is copied."""
+        """The gpu_* columns: latency and peak memory of the model on the accelerator. A packed model,
+        and a 2:4-pruned one, is loaded again there (its execution modules are chosen per device:
+        low-bit kernels, sparse tensor cores); any other is copied."""
         if self.accelerator is None:
             return {}
         cfg, shape = self.cfg, tuple(self.x.shape[1:])
         packed = any(getattr(m, "is_packed", False) for m in model.modules())
-        on = load_any(directory, self.accelerator) if packed else copy.deepcopy(model).to(self.accelerator)
+        reload = packed or pruned_2to4(read_meta(directory))
+        on = load_any(directory, self.accelerator) if reload else copy.deepcopy(model).to(self.accelerator)
         g = lambda: torch.Generator().manual_seed(cfg.seed)
         b1, b256 = cfg.latency_batches
         return {"gpu_latency_ms_b1": latency_ms(on, shape, b1, cfg.latency_repeats, cfg.latency_warmup, g()),
