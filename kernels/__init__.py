@@ -18,6 +18,11 @@ Ops:
   accumulate (``kernels.w8a8``), with ``quantize_activations`` for the run-time int8 codes.
 - ``fake_quant``: QAT's fake quantization with its STE and LSQ gradients, one op forward and
   one backward (``kernels.fake_quant``).
+- ``task_vector_merge``: TIES/DARE/task arithmetic of K task vectors (trim, drop and rescale
+  with counter-based masks, sign election, disjoint mean) in one pass (``kernels.merge``).
+
+2:4 sparse Linear layers (``kernels.sparse24``) run on torch's semi-structured sparse
+tensors (the GPU's sparse tensor cores), with their own ``auto | torch | semi`` setting.
 
 Triton is imported lazily, inside the ``kernels.triton_*`` modules, the first time a Triton
 path runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
@@ -33,11 +38,12 @@ from torch import Tensor
 from kernels.dispatch import KERNELS, Kernel, resolve_kernel, triton_available
 from kernels.fake_quant import fake_quant
 from kernels.int4 import pack_int4, torch_w4a16_matmul, unpack_int4
+from kernels.merge import task_vector_merge
 from kernels.w8a8 import quantize_activations as torch_quantize_activations
 from kernels.w8a8 import torch_w8a8_matmul
 
-__all__ = ["KERNELS", "Kernel", "fake_quant", "pack_int4", "quantize_activations", "resolve_kernel", "triton_available",
-           "unpack_int4", "w4a16_matmul", "w8a8_matmul"]
+__all__ = ["KERNELS", "Kernel", "fake_quant", "pack_int4", "quantize_activations", "resolve_kernel", "task_vector_merge",
+           "triton_available", "unpack_int4", "w4a16_matmul", "w8a8_matmul"]
 
 
 def w4a16_matmul(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,

@@ -7,9 +7,11 @@ Models" (DAREx-q) replace the factor 1/(1 − p), too large at high p, by 1/q wi
 tuned on validation data (``rescale`` here is q itself; the merge stage searches every
 (λ, q) pair of its grids on validation data).
 
-Every tensor of every task draws its mask from its own generator, seeded from (seed, task
-index, tensor name), so the masks do not depend on the order tensors are visited in: a merge
-streamed tensor by tensor from disk draws the same masks as one done in memory.
+Every tensor of every task draws its mask from its own seed, derived from (seed, task index,
+tensor name), so the masks do not depend on the order tensors are visited in. The mask is counter
+based (``kernels.merge.dare_keep``: a Philox uniform per flat index, Triton's ``tl.rand``), so
+the fused GPU merge kernel draws the same mask, and a block of rows (a merge streamed from disk)
+draws the same bits as the whole tensor when it passes its flat ``offset``.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ import hashlib
 import torch
 from torch import Tensor
 
+from kernels.merge import dare_keep, survivor_scale
 
-def tensor_generator(seed: int, task: int, name: str) -> torch.Generator:
-    """A generator for one (task, tensor) pair, independent of visiting order."""
+
+def tensor_seed(seed: int, task: int, name: str) -> int:
+    """The mask seed of one (task, tensor) pair, in [0, 2⁶³), independent of visiting order."""
     digest = hashlib.sha256(f"{seed}/{task}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def dare(delta: Tensor, p: float, generator: torch.Generator, rescale: float | None = None) -> Tensor:
-    """Drop each entry of τ with probability p and divide the survivors by (1 − p), or by q."""
+def dare(delta: Tensor, p: float, seed: int, rescale: float | None = None, offset: int = 0) -> Tensor:
+    """Drop each entry of τ with probability p and divide the survivors by (1 − p), or by q.
+
+    ``seed`` keys the mask (``tensor_seed``); ``offset`` is the flat index of ``delta``'s first
+    entry in the whole tensor. Survivors are τ · fl32(1/factor) in float32, as the fused merge."""
     if not 0 <= p < 1:
         raise ValueError(f"dare: drop probability must lie in [0, 1), got {p}")
     if p == 0 and rescale is None:
         return delta.clone()
-    keep = torch.rand(delta.shape, generator=generator) >= p  # Bernoulli(1 − p) keep mask
-    factor = rescale if rescale is not None else 1.0 - p
-    return torch.where(keep, delta / factor, torch.zeros_like(delta))
+    keep = dare_keep(delta.shape, p, seed, offset, delta.device)  # Bernoulli(1 − p) keep mask
+    scale = torch.tensor(survivor_scale(p, rescale), dtype=torch.float32)
+    return torch.where(keep, delta.float() * scale, 0.0).to(delta.dtype)

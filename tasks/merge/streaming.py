@@ -3,11 +3,11 @@
 For each base tensor θ₀ the K fine-tuned tensors θ_k are read, turned into deltas, merged by
 ``task_arithmetic.merge_tensor`` (the same code as the in-memory merge, so the results are
 bit-identical) and written out at once: the peak is about one tensor per input, not K models.
-Task arithmetic and model-scope TIES are elementwise once the thresholds are known, so they go
-further and read each tensor in blocks of whole rows (``block`` entries per input): their
-working set does not grow with the largest tensor. Tensor-scope TIES (a threshold per tensor) and
-DARE (a mask drawn over the whole shape) read whole tensors, so their peak follows the largest
-tensor. With ``trim_scope: model`` TIES first needs each task's keep threshold over its whole
+Task arithmetic, model-scope TIES and DARE are elementwise once the thresholds are known (DARE's
+mask is counter based: a block passes its flat offset and draws the whole tensor's bits), so they
+go further and read each tensor in blocks of whole rows (``block`` entries per input): their
+working set does not grow with the largest tensor. Tensor-scope TIES (a threshold per tensor)
+reads whole tensors, so its peak follows the largest tensor. With ``trim_scope: model`` TIES first needs each task's keep threshold over its whole
 task vector; those are found one task at a time in one flat float32 buffer of |τ_k| (about one
 model), before any output exists.
 
@@ -46,7 +46,7 @@ BLOCK = 1 << 18  # entries per input read at a time by task arithmetic and the T
 
 def blockwise(cfg: TaskVectorConfig) -> bool:
     """Whether merge_tensor gives the same bits on a block of rows as on the whole tensor."""
-    return cfg.method == "task_arithmetic" or (cfg.method == "ties" and cfg.trim_scope == "model")
+    return not (cfg.method == "ties" and cfg.trim_scope == "tensor")
 
 
 class Entry(NamedTuple):
@@ -65,8 +65,8 @@ def stream_merge(base: Checkpoint, models: list[Checkpoint], out_path: Path, lam
     """Write θ₀ + λ·combine(sparsify(τ_k)) over the tensors ``include`` matches (the rest copied
     from the base) to the safetensors file ``out_path``; return {tensors, merged, bytes, seconds}.
 
-    Task arithmetic reads and merges ``block`` entries (whole rows) at a time, TIES and DARE
-    whole tensors. Bad inputs raise before anything is written; a failure later leaves no file
+    Task arithmetic, model-scope TIES and DARE read and merge ``block`` entries (whole rows) at a
+    time, tensor-scope TIES whole tensors. Bad inputs raise before anything is written; a failure later leaves no file
     behind (an older ``out_path`` stays as it was)."""
     start = time.perf_counter()
     merged = set(merged_names(base, include))
@@ -103,11 +103,13 @@ def _merged_parts(name: str, base: Checkpoint, models: list[Checkpoint], merge: 
     if not merge or not base.dtype(name).is_floating_point:
         yield base.get(name)  # copied; merge_tensor keeps θ₀'s non-float tensors (buffers) too
         return
+    row_size = int(torch.Size(base.shape(name)[1:]).numel())
     for rows in row_blocks(base.shape(name), block if blockwise(cfg) else None):
         w0 = base.get(name, rows)
-        # each θ_k is dropped as soon as its delta exists; the list is passed without a name held
-        # here, so merge_tensor can free the raw deltas once it has sparsified them
-        yield merge_tensor(name, w0, [m.get(name, rows) - w0 for m in models], lam, cfg, thresholds, rescale)
+        offset = rows.start * row_size if rows is not None else 0  # flat index of the block's first entry
+        # each θ_k is dropped as soon as its delta exists
+        yield merge_tensor(name, w0, [m.get(name, rows) - w0 for m in models], lam, cfg, thresholds, rescale,
+                           offset)
 
 
 def row_blocks(shape: tuple[int, ...], block: int | None) -> list[slice | None]:

@@ -13,7 +13,9 @@ Task arithmetic, TIES and DARE are settings of this one merge (as mergekit's
 
 λ (and DAREx-q's q) are grids searched on validation data by the stage. Task vectors are
 taken over the shared backbone only; per-task heads are never merged. Every function works
-tensor by tensor (``merge_tensor``), so a merge streamed from disk runs the same code.
+tensor by tensor (``merge_tensor``), so a merge streamed from disk runs the same code. The
+sparsify-and-combine of one tensor is ``kernels.merge.task_vector_merge``: a torch reference, or
+one fused Triton pass over the K deltas on a GPU (``kernel``), with the same bits.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from pydantic import (
 )
 from torch import Tensor
 
-from tasks.merge.dare import dare, tensor_generator
-from tasks.merge.ties import disjoint_mean, keep_threshold, trim
+from kernels.dispatch import Kernel
+from kernels.merge import task_vector_merge
+from tasks.merge.dare import tensor_seed
+from tasks.merge.ties import keep_threshold
 
 _ONLY = {"density": ("ties",), "trim_scope": ("ties",), "drop": ("dare",), "rescales": ("dare",),
          "consensus": ("dare",)}
@@ -53,6 +57,8 @@ class TaskVectorConfig(BaseModel):
     consensus: Literal["none", "ties"] = Field(
         default="none", description="dare: 'ties' adds the TIES sign election and disjoint mean")
     seed: int = Field(default=0, description="dare: seed of the drop masks")
+    kernel: Kernel = Field(default="auto", description="merge kernel: torch reference, or the fused Triton "
+                                                       "kernel (auto: Triton for CUDA tensors)")
 
     @model_validator(mode="after")
     def _method_fields(self) -> TaskVectorConfig:
@@ -104,20 +110,27 @@ def trim_thresholds(taus: list[dict[str, Tensor]], cfg: TaskVectorConfig) -> lis
 
 
 def merge_tensor(name: str, w0: Tensor, deltas: list[Tensor], lam: float, cfg: TaskVectorConfig,
-                 thresholds: list[float] | None = None, rescale: float | None = None) -> Tensor:
+                 thresholds: list[float] | None = None, rescale: float | None = None, offset: int = 0) -> Tensor:
     """One merged tensor θ₀ + λ·combine(sparsify(τ_k)); non-float tensors (buffers) stay θ₀'s.
 
-    ``thresholds`` are ``trim_thresholds`` (model-scope TIES); ``rescale`` is DAREx-q's q.
+    ``thresholds`` are ``trim_thresholds`` (model-scope TIES); ``rescale`` is DAREx-q's q;
+    ``offset`` is the flat index of w0's first entry when w0 is a block of rows of tensor ``name``
+    (DARE's masks are drawn per flat index). The result has the promoted dtype of w0 and the deltas.
     """
     if not w0.is_floating_point():
         return w0.clone()
+    thr, drop, seeds, q = None, 0.0, None, None
     if cfg.method == "ties":
-        deltas = [trim(d, thresholds[k] if thresholds is not None else keep_threshold(d.abs().flatten(), cfg.density))
-                  for k, d in enumerate(deltas)]
+        thr = torch.tensor([thresholds[k] if thresholds is not None else keep_threshold(d.abs().flatten(), cfg.density)
+                            for k, d in enumerate(deltas)], dtype=torch.float32)
     elif cfg.method == "dare":
-        deltas = [dare(d, cfg.drop, tensor_generator(cfg.seed, k, name), rescale) for k, d in enumerate(deltas)]
-    combined = disjoint_mean(deltas) if cfg.uses_ties else sum(deltas[1:], deltas[0])
-    return w0 + lam * combined
+        drop, q = cfg.drop, rescale
+        seeds = torch.tensor([tensor_seed(cfg.seed, k, name) for k in range(len(deltas))], dtype=torch.int64)
+    dtype = w0.dtype
+    for d in deltas:
+        dtype = torch.promote_types(dtype, d.dtype)
+    stacked = torch.stack([d.to(dtype) for d in deltas])  # (K, *w0.shape)
+    return task_vector_merge(w0, stacked, lam, thr, drop, seeds, q, cfg.uses_ties, offset, kernel=cfg.kernel)
 
 
 def merge_task_vectors(base: dict[str, Tensor], taus: list[dict[str, Tensor]], lam: float,

@@ -58,10 +58,11 @@ def test_streamed_merge_is_bit_identical_to_the_in_memory_merge(name, block, mak
     assert [sha256_file(p) for p in [paths[0], *paths[1]]] == before  # deltas formed in read buffers only
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties_model", "ties_tensor"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_blocks_leave_larger_tensors_bit_identical(name, tmp_path):
     """Tensors big enough for torch's vectorized reductions (whose association depends on the
-    shape); task arithmetic reads them in blocks of rows, TIES only its thresholds."""
+    shape); task arithmetic and DARE read them in blocks of rows (DARE's masks drawn at the
+    blocks' flat offsets), TIES its thresholds."""
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(300, 257, generator=g), "v": torch.randn(1001, generator=g)}
     save_tensors(tmp_path / "base.safetensors", base)
@@ -205,3 +206,22 @@ def test_merging_quantized_checkpoints_equals_merging_their_float_twins(packed_a
     got, want = load_file(str(tmp_path / "q.safetensors")), load_file(str(tmp_path / "f.safetensors"))
     _assert_same(got, want)
     assert not torch.equal(want["head.weight"], load_file(str(twins[0]))["head.weight"])
+
+
+@pytest.mark.parametrize("name", ["dare", "dare_ties"])
+def test_dare_reads_blocks_of_rows_at_their_flat_offsets(name, make_checkpoints, monkeypatch, tmp_path):
+    base, models = _open(*make_checkpoints(2))
+    seen = []
+
+    def spy(name_, w0, deltas, *args):
+        seen.append((name_, w0.shape[0] if w0.dim() else None, args[-1]))
+        return real(name_, w0, deltas, *args)
+
+    real = streaming.merge_tensor
+    monkeypatch.setattr(streaming, "merge_tensor", spy)
+    stream_merge(base, models, tmp_path / "out.safetensors", 0.4, CONFIGS[name], block=7)
+    monkeypatch.undo()
+    _assert_same(load_file(str(tmp_path / "out.safetensors")), merge_in_memory(base, models, 0.4, CONFIGS[name]))
+    embed = [offset for n, _, offset in seen if n == "embed.weight"]
+    row = int(torch.Size(base.shape("embed.weight")[1:]).numel())
+    assert len(embed) > 1 and embed == sorted(embed) and all(o % row == 0 for o in embed)
