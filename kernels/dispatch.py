@@ -42,3 +42,14 @@ def resolve_kernel(kernel: Kernel, device: torch.device | str) -> Literal["torch
                          "Set TRITON_INTERPRET=1 to run it through Triton's CPU interpreter, "
                          "or use kernel: torch")
     return "triton"
+
+
+def offload_device(kernel: Kernel, device: torch.device | str) -> torch.device:
+    """Where an op on tensors held on ``device`` should run: a CUDA GPU when they sit on the CPU,
+    ``kernel`` allows Triton (auto or triton) and a GPU and Triton are present, else ``device``.
+    For ops that stream host tensors (a merge read from disk) and gain more from the GPU's
+    bandwidth than they lose in transfers."""
+    device = torch.device(device)
+    if device.type == "cpu" and kernel != "torch" and torch.cuda.is_available() and triton_available():
+        return torch.device("cuda")
+    return device

@@ -33,17 +33,16 @@ _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_ROUNDS = 10  # triton.language.random.N_ROUNDS_DEFAULT
 _UINT_TO_UNIFORM = 4.6566127342e-10  # triton's scale: largest with (2³¹ − 1)·scale < 1 in float32
 _M32 = 0xFFFFFFFF
-_CHUNK = 1 << 15  # entries per philox chunk: its int64 temporaries stay in cache (4-8x faster than 2²⁰)
+_CHUNK = 1 << 16  # entries per philox chunk: its int64 temporaries stay in cache (2x faster than 2²⁰ or 2¹²)
 
 
 def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(hi, lo) 32-bit words of a·b for a uint32 constant and a uint32-valued int64 tensor,
-    split into 16-bit halves of ``a`` so no int64 product overflows."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    p_hi, p_lo = a_hi * b, a_lo * b  # < 2⁴⁸ each
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
+    """(hi, lo) 32-bit words of a·b for a uint32 constant and a uint32-valued int64 tensor.
+
+    The product is below 2⁶⁴, so the int64 multiply, which wraps modulo 2⁶⁴, holds all of its
+    bits: lo is the low word as it stands, and the arithmetic shift's sign fill is masked off hi."""
+    p = b * a
+    return (p >> 32) & _M32, p & _M32
 
 
 def _philox_chunk(seed: int, offsets: Tensor) -> Tensor:

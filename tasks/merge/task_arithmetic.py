@@ -33,7 +33,7 @@ from pydantic import (
 )
 from torch import Tensor
 
-from kernels.dispatch import Kernel
+from kernels.dispatch import Kernel, offload_device
 from kernels.merge import task_vector_merge
 from tasks.merge.dare import tensor_seed
 from tasks.merge.ties import keep_threshold
@@ -58,7 +58,8 @@ class TaskVectorConfig(BaseModel):
         default="none", description="dare: 'ties' adds the TIES sign election and disjoint mean")
     seed: int = Field(default=0, description="dare: seed of the drop masks")
     kernel: Kernel = Field(default="auto", description="merge kernel: torch reference, or the fused Triton "
-                                                       "kernel (auto: Triton for CUDA tensors)")
+                                                       "kernel (auto: the Triton kernel on a GPU when there is "
+                                                       "one, tensors read into host memory included)")
 
     @model_validator(mode="after")
     def _method_fields(self) -> TaskVectorConfig:
@@ -129,8 +130,11 @@ def merge_tensor(name: str, w0: Tensor, deltas: list[Tensor], lam: float, cfg: T
     dtype = w0.dtype
     for d in deltas:
         dtype = torch.promote_types(dtype, d.dtype)
-    stacked = torch.stack([d.to(dtype) for d in deltas])  # (K, *w0.shape)
-    return task_vector_merge(w0, stacked, lam, thr, drop, seeds, q, cfg.uses_ties, offset, kernel=cfg.kernel)
+    device = offload_device(cfg.kernel, w0.device)  # host tensors go through the GPU kernel when there is one
+    stacked = torch.stack([d.to(device, dtype) for d in deltas])  # (K, *w0.shape)
+    merged = task_vector_merge(w0.to(device), stacked, lam, thr, drop, seeds, q, cfg.uses_ties, offset,
+                               kernel=cfg.kernel)
+    return merged.to(w0.device)
 
 
 def merge_task_vectors(base: dict[str, Tensor], taus: list[dict[str, Tensor]], lam: float,

@@ -73,3 +73,18 @@ def test_importing_kernels_does_not_import_triton():
 
     code = "import sys, kernels, kernels.cpu, kernels.int4; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_offload_device(monkeypatch):
+    """Host tensors go to the GPU only when the setting allows Triton and a GPU and Triton exist."""
+    from kernels.dispatch import offload_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert offload_device("auto", "cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("kernels.dispatch.triton_available", lambda: True)
+    assert offload_device("auto", "cpu") == torch.device("cuda")
+    assert offload_device("triton", "cpu") == torch.device("cuda")
+    assert offload_device("torch", "cpu") == torch.device("cpu")
+    monkeypatch.setattr("kernels.dispatch.triton_available", lambda: False)
+    assert offload_device("auto", "cpu") == torch.device("cpu")
