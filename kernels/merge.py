@@ -121,6 +121,24 @@ def _sparsified(delta: Tensor, k: int, thresholds: Tensor | None, drop: float, s
     return d
 
 
+def disjoint_mean(deltas: list[Tensor]) -> Tensor:
+    """Elect γ = sgn(Σ_k τ_k) and average, per entry, the τ_k that are nonzero with sign γ.
+
+    Accumulated task by task, entry-wise, so the result of a block of rows equals those rows of
+    the whole tensor's result bit for bit (a streamed merge reads blocks) and the temporaries
+    are a few tensors, not K stacked copies."""
+    mass = torch.zeros_like(deltas[0])
+    for d in deltas:
+        mass += d
+    sign = torch.sign(mass)
+    total, count = torch.zeros_like(mass), torch.zeros_like(mass)
+    for d in deltas:
+        agree = (torch.sign(d) == sign) & (d != 0)
+        total += torch.where(agree, d, 0.0)
+        count += agree
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
+
+
 def torch_task_vector_merge(w0: Tensor, deltas: Tensor, lam: float, thresholds: Tensor | None = None,
                             drop: float = 0.0, seeds: Tensor | None = None, rescale: float | None = None,
                             elect: bool = False, offset: int = 0) -> Tensor:
@@ -135,16 +153,7 @@ def torch_task_vector_merge(w0: Tensor, deltas: Tensor, lam: float, thresholds: 
     scale = torch.tensor(survivor_scale(drop, rescale), dtype=torch.float32)
     taus = [_sparsified(deltas[k], k, thresholds, drop, seeds, scale, offset) for k in range(deltas.shape[0])]
     if elect:
-        mass = torch.zeros_like(taus[0])
-        for t in taus:
-            mass += t
-        sign = torch.sign(mass)
-        total, count = torch.zeros_like(mass), torch.zeros_like(mass)
-        for t in taus:
-            agree = (torch.sign(t) == sign) & (t != 0)
-            total += torch.where(agree, t, 0.0)
-            count += agree
-        combined = torch.where(count > 0, total / count.clamp(min=1), 0.0)
+        combined = disjoint_mean(taus)
     else:
         combined = taus[0]
         for t in taus[1:]:

@@ -38,21 +38,3 @@ def keep_threshold(magnitudes: Tensor, density: float) -> float:
 def trim(delta: Tensor, threshold: float) -> Tensor:
     """τ with every entry of magnitude below ``threshold`` set to 0."""
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
-
-
-def disjoint_mean(deltas: list[Tensor]) -> Tensor:
-    """Elect γ = sgn(Σ_k τ_k) and average, per entry, the τ_k that are nonzero with sign γ.
-
-    Accumulated task by task, entry-wise, so the result of a block of rows equals those rows of
-    the whole tensor's result bit for bit (a streamed merge reads blocks) and the temporaries
-    are a few tensors, not K stacked copies."""
-    mass = torch.zeros_like(deltas[0])
-    for d in deltas:
-        mass += d
-    sign = torch.sign(mass)
-    total, count = torch.zeros_like(mass), torch.zeros_like(mass)
-    for d in deltas:
-        agree = (torch.sign(d) == sign) & (d != 0)
-        total += torch.where(agree, d, 0.0)
-        count += agree
-    return torch.where(count > 0, total / count.clamp(min=1), 0.0)

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from kernels.merge import dare_keep, philox_uniform, task_vector_merge, torch_task_vector_merge
-from tasks.merge.ties import disjoint_mean, keep_threshold, trim
+from kernels.merge import (
+    dare_keep,
+    disjoint_mean,
+    philox_uniform,
+    task_vector_merge,
+    torch_task_vector_merge,
+)
+from tasks.merge.ties import keep_threshold, trim
 
 
 def _case(k, shape=(37, 91), seed=0):

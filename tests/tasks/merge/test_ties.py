@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from kernels.merge import disjoint_mean
 from tasks.merge.task_arithmetic import TaskVectorConfig, merge_task_vectors, task_vectors
-from tasks.merge.ties import disjoint_mean, keep_threshold, trim
+from tasks.merge.ties import keep_threshold, trim
 
 
 def _sd(seed):
