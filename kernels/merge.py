@@ -9,10 +9,12 @@ DAREx-q's q (``rescale``). ``kernels.triton_merge.triton_task_vector_merge`` com
 with the same signature, reading each delta entry once.
 
 The DARE keep mask is counter based, so a GPU kernel reproduces it and a block of a tensor
-draws the same bits as the whole: entry i of task k is kept when u ≥ p, u = ``tl.rand(seed_k,
-offset + i)`` (Philox-4x32-10 keyed by the 64-bit seed split lo/hi, counter (lo32(i), hi32(i),
-0, 0), the first output word as int32, negatives bit-flipped, times 4.6566127342e-10 in
-float32). ``philox_uniform`` is that function in torch, bit for bit; ``offset`` is the flat
+draws the same bits as the whole: entry i of task k is kept when u ≥ p, u is word i mod 4
+of ``tl.randint4x(seed_k, i // 4)`` (Philox-4x32-10 keyed by the 64-bit seed split lo/hi,
+counter (lo32(i // 4), hi32(i // 4), 0, 0)) through Triton's ``uint_to_uniform_float`` (as
+int32, negatives bit-flipped, times 4.6566127342e-10 in float32), i = offset + the entry's
+index. ``philox_uniform`` is that function in torch, bit for bit, one Philox evaluation per
+four indices; ``offset`` is the flat
 index of the first entry of ``w0`` in the whole tensor (a streamed merge passes its block's).
 
 Arithmetic is float32 in a fixed order, so the reference and the kernel agree bit for bit:
@@ -33,7 +35,7 @@ _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_ROUNDS = 10  # triton.language.random.N_ROUNDS_DEFAULT
 _UINT_TO_UNIFORM = 4.6566127342e-10  # triton's scale: largest with (2³¹ − 1)·scale < 1 in float32
 _M32 = 0xFFFFFFFF
-_CHUNK = 1 << 16  # entries per philox chunk: its int64 temporaries stay in cache (2x faster than 2²⁰ or 2¹²)
+_CHUNK = 1 << 12  # Philox counters per chunk (4 indices each): int64 temporaries that stay in cache
 
 
 def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,8 +47,10 @@ def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return (p >> 32) & _M32, p & _M32
 
 
-def _philox_chunk(seed: int, offsets: Tensor) -> Tensor:
-    c0, c1 = offsets & _M32, (offsets >> 32) & _M32  # int64 holding uint32 words
+def _philox_words(seed: int, counters: Tensor) -> Tensor:
+    """The four 32-bit output words (as int64) of Philox-4x32-10 at counters (lo32(c), hi32(c),
+    0, 0) keyed by ``seed``: (len(counters), 4), what ``tl.randint4x(seed, c)`` returns."""
+    c0, c1 = counters & _M32, (counters >> 32) & _M32  # int64 holding uint32 words
     c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(_PHILOX_ROUNDS):
@@ -54,23 +58,34 @@ def _philox_chunk(seed: int, offsets: Tensor) -> Tensor:
         hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # bitcast to int32
+    return torch.stack((c0, c1, c2, c3), dim=1)
+
+
+def _to_uniform(words: Tensor) -> Tensor:
+    """Triton's ``uint_to_uniform_float`` of uint32-valued int64 words: float32 in [0, 1)."""
+    x = torch.where(words >= 1 << 31, words - (1 << 32), words)  # bitcast to int32
     x = torch.where(x < 0, -x - 1, x)  # ~x
     return x.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
 
 
-def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
-    """``tl.rand(seed, offsets)`` bit for bit: float32 uniforms in [0, 1), one per int64 offset.
+def philox_uniform(seed: int, start: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """The uniforms of flat indices start … start + n − 1: index i gets word i mod 4 of
+    ``tl.randint4x(seed, i // 4)`` through ``tl.uint_to_uniform_float``, bit for bit.
 
-    ``seed`` in [0, 2⁶³); ``offsets`` non-negative int64, any shape (counter = the offset's low
-    and high 32 bits, as Triton splits an int64 offset block)."""
+    One Philox evaluation serves four consecutive indices: the torch reference draws a mask
+    4x faster than with one ``tl.rand`` per index; the kernel picks each lane's word."""
     if not 0 <= seed < 1 << 63:
         raise ValueError(f"philox_uniform: seed must lie in [0, 2**63), got {seed}")
-    flat = offsets.reshape(-1).to(torch.int64)
-    out = torch.empty(flat.shape, dtype=torch.float32, device=offsets.device)
-    for i in range(0, flat.numel(), _CHUNK):
-        out[i : i + _CHUNK] = _philox_chunk(seed, flat[i : i + _CHUNK])
-    return out.reshape(offsets.shape)
+    if start < 0 or n < 0:
+        raise ValueError(f"philox_uniform: start and n must be non-negative, got {start}, {n}")
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    end = (start + n + 3) // 4  # one past the last counter
+    for c in range(start // 4, end, _CHUNK):
+        counters = torch.arange(c, min(c + _CHUNK, end), dtype=torch.int64, device=device)
+        u = _to_uniform(_philox_words(seed, counters)).reshape(-1)  # indices 4c … 4(c + len) − 1
+        lo, hi = max(start, 4 * c), min(start + n, 4 * (c + len(counters)))
+        out[lo - start:hi - start] = u[lo - 4 * c:hi - 4 * c]
+    return out
 
 
 def check_merge_args(w0: Tensor, deltas: Tensor, thresholds: Tensor | None, drop: float,
@@ -102,10 +117,9 @@ def survivor_scale(drop: float, rescale: float | None) -> float:
 def dare_keep(shape: tuple[int, ...] | torch.Size, drop: float, seed: int, offset: int = 0,
               device: torch.device | str = "cpu") -> Tensor:
     """DARE's keep mask of a tensor whose first entry has flat index ``offset``: entry i is kept
-    when ``philox_uniform(seed, offset + i) >= p`` (compared in float32), so with probability 1 − p."""
-    n = int(torch.Size(shape).numel())
-    index = torch.arange(offset, offset + n, dtype=torch.int64, device=device).reshape(shape)
-    return philox_uniform(seed, index) >= torch.tensor(drop, dtype=torch.float32, device=device)
+    when its uniform (``philox_uniform``) is >= p, compared in float32: with probability 1 − p."""
+    u = philox_uniform(seed, offset, int(torch.Size(shape).numel()), device).reshape(shape)
+    return u >= torch.tensor(drop, dtype=torch.float32, device=device)
 
 
 def _sparsified(delta: Tensor, k: int, thresholds: Tensor | None, drop: float, seeds: Tensor | None,

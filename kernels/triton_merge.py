@@ -8,7 +8,8 @@ Memory-bound elementwise work, in the spirit of the Triton tutorials' fused drop
 
 Each program owns BLOCK consecutive flat entries. It loads the (K_POW2, BLOCK) tile of all K
 deltas once (rows past K masked to 0), trims it against the (K,) thresholds, draws the DARE
-uniforms ``tl.rand(seed_k, offset + i)`` for the whole tile (no memory traffic), and rescales
+uniforms (``counter_uniform``: a word of ``tl.randint4x(seed_k, (offset + i) // 4)``) for the
+whole tile (no memory traffic), and rescales
 survivors. The mass Σ_k τ̂_k, the elected sign, the agreeing sum and count then run over
 k = 0…K−1 in order, each row taken from the tile in registers by a masked sum over the task
 axis (exact: one value plus zeros), so the float32 operations match the reference's order bit
@@ -38,6 +39,16 @@ def _row(tile, kk, k: tl.constexpr):
 
 
 @triton.jit
+def counter_uniform(seed, index):
+    """``kernels.merge.philox_uniform`` of flat ``index`` (int64): word index mod 4 of
+    Philox-4x32-10 at counter index // 4, as a float32 uniform in [0, 1)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, index // 4)
+    lane = index % 4
+    word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return tl.uint_to_uniform_float(word)
+
+
+@triton.jit
 def _sign(x):
     return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
 
@@ -61,7 +72,7 @@ def _merge_kernel(
         tau = tl.where(tl.abs(tau) >= thr[:, None], tau, 0.0)
     if DARE:
         seeds = tl.load(seed_ptr + kk, mask=mask_k, other=0)  # (KP,) int64
-        u = tl.rand(seeds[:, None], (idx + offset)[None, :])  # (KP, B), counter = flat index
+        u = counter_uniform(seeds[:, None], (idx + offset)[None, :])  # (KP, B), from the flat index
         tau = tl.where(u >= drop, tau * scale, 0.0)
     elif RESCALE:
         tau = tau * scale

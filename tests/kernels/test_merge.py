@@ -68,7 +68,7 @@ def test_dare_masks_of_a_block_are_the_whole_masks_rows():
 
 
 def test_uniforms_are_uniform_and_the_mask_depends_on_the_seed():
-    u = philox_uniform(7, torch.arange(2**32 - 5000, 2**32 + 5000))  # crosses the counter's high word
+    u = philox_uniform(7, 2**34 - 5000, 10000)  # the counters (index // 4) cross into the high word
     assert u.dtype == torch.float32 and 0 <= float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 4 * (1 / 12 / u.numel()) ** 0.5
     assert not torch.equal(dare_keep((1000,), 0.5, 1), dare_keep((1000,), 0.5, 2))
@@ -90,3 +90,10 @@ def test_bad_arguments_are_refused_with_the_expected_shape():
         torch_task_vector_merge(w0, deltas, 1.0, drop=0.5)
     with pytest.raises(ValueError, match="kernel"):
         task_vector_merge(w0, deltas, 1.0, kernel="cuda")
+
+
+def test_uniforms_of_a_range_do_not_depend_on_where_the_range_starts():
+    """Chunks of Philox counters and unaligned starts give each index the same uniform."""
+    whole = philox_uniform(3, 3, 40003)  # spans chunk boundaries (4·4096 indices each)
+    assert torch.equal(philox_uniform(3, 3 + 16381, 9), whole[16381:16390])
+    assert torch.equal(philox_uniform(3, 10005, 30000), whole[10002:40002])

@@ -13,11 +13,18 @@ import triton
 import triton.language as tl
 
 from kernels.merge import philox_uniform, task_vector_merge, torch_task_vector_merge
+from kernels.triton_merge import counter_uniform
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET is set to something other than 1 and there is no GPU", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _uniform_kernel(out_ptr, seed, start, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, counter_uniform(seed, start + i.to(tl.int64)))
 
 
 @triton.jit
@@ -27,12 +34,20 @@ def _rand_kernel(out_ptr, seed, start, N: tl.constexpr):
 
 
 @pytest.mark.parametrize("seed", [0, 123, 2**40 + 7, 2**63 - 1])
-@pytest.mark.parametrize("start", [0, 2**31 - 64, 2**32 - 64, 2**40 + 3])
-def test_torch_philox_is_tl_rand_bit_for_bit(seed, start):
+@pytest.mark.parametrize("start", [0, 5, 2**34 - 63, 2**40 + 3])  # unaligned starts; counters past 2³²
+def test_torch_philox_is_the_kernels_uniform_bit_for_bit(seed, start):
     out = torch.empty(128, device=DEVICE)
-    _rand_kernel[(1,)](out, seed, start, N=128)
-    want = philox_uniform(seed, torch.arange(start, start + 128))
+    _uniform_kernel[(1,)](out, seed, start, N=128)
+    want = philox_uniform(seed, start, 128)
     assert torch.equal(out.cpu(), want), f"{int((out.cpu() != want).sum())} of 128 uniforms differ"
+
+
+def test_every_fourth_uniform_is_tl_rand_of_its_counter():
+    """Word 0 of counter c is what Triton's own tl.rand(seed, c) returns: the scheme is Triton's Philox."""
+    out = torch.empty(64, device=DEVICE)
+    _rand_kernel[(1,)](out, 99, 2**33, N=64)
+    want = philox_uniform(99, 4 * 2**33, 4 * 64)[::4]
+    assert torch.equal(out.cpu(), want)
 
 
 def _case(k, shape, seed, kind="randn"):
