@@ -18,7 +18,8 @@ Triton kernel to time: it reports the torch reference paths and torch's packed i
 ops against the fp32 matmul, so the table says what a CPU user gets.
 
     python -m benchmarks.kernels [--shapes 4096x4096 ...] [--batches 1 16 64 256] [--peak-gbps G]
-                                 [--merge-tasks 2 4 8] [--qat-tokens 8192] [--quick]
+                                 [--merge-tasks 2 4 8] [--qat-tokens 8192] [--sections matmul merge qat]
+                                 [--kernel auto|torch|triton] [--quick]
 
 Writes benchmarks/results/kernels.csv, kernels.md and kernels.png. Timings are medians; on a
 GPU they come from ``triton.testing.do_bench``, which flushes the L2 cache between calls so a
@@ -221,6 +222,8 @@ def qat_rows(args, device: torch.device) -> list[dict]:
 def plot(df: pd.DataFrame, path: Path) -> None:
     mm = df[df.section == "matmul"]
     shapes = list(dict.fromkeys(mm["shape"]))
+    if not shapes:
+        return
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False, sharey=True)
     for ax, shape in zip(axes[0], shapes, strict=True):
         sub = mm[mm["shape"] == shape].pivot(index="batch", columns="kernel", values="speedup")
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--kernel", choices=["auto", "torch", "triton"], default="auto",
                     help="implementation of the kernels timed: auto = Triton on a GPU, the torch reference on CPU; "
                          "triton on CPU needs TRITON_INTERPRET=1 (a correctness run, not a timing)")
+    ap.add_argument("--sections", nargs="+", choices=["matmul", "merge", "qat"], default=["matmul", "merge", "qat"])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every section")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -265,7 +269,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.repeats = args.repeats or (100 if device.type == "cuda" else (2 if args.quick else 5))
     args.impl = kernels.resolve_kernel(args.kernel, device)
     peak = peak_gbps(device, args.peak_gbps)
-    rows = gemm_rows(args, device, peak) + merge_rows(args, device, peak) + qat_rows(args, device)
+    rows = ((gemm_rows(args, device, peak) if "matmul" in args.sections else [])
+            + (merge_rows(args, device, peak) if "merge" in args.sections else [])
+            + (qat_rows(args, device) if "qat" in args.sections else []))
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "kernels.csv", index=False)
