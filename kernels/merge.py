@@ -35,7 +35,7 @@ _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_ROUNDS = 10  # triton.language.random.N_ROUNDS_DEFAULT
 _UINT_TO_UNIFORM = 4.6566127342e-10  # triton's scale: largest with (2³¹ − 1)·scale < 1 in float32
 _M32 = 0xFFFFFFFF
-_CHUNK = 1 << 12  # Philox counters per chunk (4 indices each): int64 temporaries that stay in cache
+_CHUNK = 1 << 16  # Philox counters per chunk (4 indices each): fastest measured here (2^12: 3x slower)
 
 
 def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
