@@ -9,8 +9,9 @@ tuned on validation data (``rescale`` here is q itself; the merge stage searches
 
 Every tensor of every task draws its mask from its own seed, derived from (seed, task index,
 tensor name), so the masks do not depend on the order tensors are visited in. The mask is counter
-based (``kernels.merge.dare_keep``: a Philox uniform per flat index, Triton's ``tl.rand``), so
-the fused GPU merge kernel draws the same mask, and a block of rows (a merge streamed from disk)
+based (``kernels.merge.dare_keep``: a Philox uniform per flat index, from Triton's generator), and
+the merge op (``kernels.merge.task_vector_merge``) drops and rescales: its GPU kernel draws
+the same mask, and a block of rows (a merge streamed from disk)
 draws the same bits as the whole tensor when it passes its flat ``offset``.
 """
 
@@ -18,27 +19,8 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-from torch import Tensor
-
-from kernels.merge import dare_keep, survivor_scale
-
 
 def tensor_seed(seed: int, task: int, name: str) -> int:
     """The mask seed of one (task, tensor) pair, in [0, 2⁶³), independent of visiting order."""
     digest = hashlib.sha256(f"{seed}/{task}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def dare(delta: Tensor, p: float, seed: int, rescale: float | None = None, offset: int = 0) -> Tensor:
-    """Drop each entry of τ with probability p and divide the survivors by (1 − p), or by q.
-
-    ``seed`` keys the mask (``tensor_seed``); ``offset`` is the flat index of ``delta``'s first
-    entry in the whole tensor. Survivors are τ · fl32(1/factor) in float32, as the fused merge."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dare: drop probability must lie in [0, 1), got {p}")
-    if p == 0 and rescale is None:
-        return delta.clone()
-    keep = dare_keep(delta.shape, p, seed, offset, delta.device)  # Bernoulli(1 − p) keep mask
-    scale = torch.tensor(survivor_scale(p, rescale), dtype=torch.float32)
-    return torch.where(keep, delta.float() * scale, 0.0).to(delta.dtype)

@@ -1,7 +1,8 @@
 """TIES-Merging: trim, elect sign, disjoint merge.
 
 Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023), §3:
-1. Trim: keep the top-k% entries of each task vector by magnitude, zero the rest.
+1. Trim: keep the top-k% entries of each task vector by magnitude, zero the rest
+   (``keep_threshold`` finds the cut; the merge op keeps |τ| >= it).
 2. Elect: γ = sgn(Σ_k τ̂_k) per entry (the sign with the larger total mass wins).
 3. Disjoint merge: τ_m = mean of the τ̂_k that are nonzero and agree with γ.
 The merged model is θ₀ + λ·τ_m.
@@ -16,7 +17,6 @@ model-wide majority sign, which needs the whole model at once.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -33,8 +33,3 @@ def keep_threshold(magnitudes: Tensor, density: float) -> float:
     flat = magnitudes.detach().reshape(-1).float().numpy()
     flat.partition(n - keep)
     return float(flat[n - keep])
-
-
-def trim(delta: Tensor, threshold: float) -> Tensor:
-    """τ with every entry of magnitude below ``threshold`` set to 0."""
-    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from tasks.merge.dare import dare, tensor_seed
+from kernels.merge import torch_task_vector_merge
+from tasks.merge.dare import tensor_seed
 from tasks.merge.task_arithmetic import TaskVectorConfig, merge_task_vectors, task_vectors
+
+
+def dare(tau, p, seed, rescale=None, offset=0):
+    """DARE of one task vector alone: the merge op with θ₀ = 0, λ = 1 and K = 1."""
+    return torch_task_vector_merge(torch.zeros_like(tau), tau[None], 1.0, drop=p, seeds=torch.tensor([seed]),
+                                   rescale=rescale, offset=offset)
 
 
 def _sd(seed):

@@ -3,7 +3,12 @@ import torch
 
 from kernels.merge import disjoint_mean
 from tasks.merge.task_arithmetic import TaskVectorConfig, merge_task_vectors, task_vectors
-from tasks.merge.ties import keep_threshold, trim
+from tasks.merge.ties import keep_threshold
+
+
+def trim(delta, threshold):
+    """TIES's trim, written out: entries below the threshold in magnitude set to 0."""
+    return torch.where(delta.abs() >= threshold, delta, 0.0)
 
 
 def _sd(seed):
