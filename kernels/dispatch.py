@@ -21,7 +21,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -37,7 +38,7 @@ def resolve_kernel(kernel: Kernel, device: torch.device | str) -> Literal["torch
     if not triton_available():
         raise ValueError("kernel: 'triton' was requested but triton is not installed "
                          "(pip install 'slimforge[triton]'), or use kernel: torch")
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         raise ValueError(f"kernel: 'triton' needs a CUDA tensor; got device {device.type!r}. "
                          "Set TRITON_INTERPRET=1 to run it through Triton's CPU interpreter, "
                          "or use kernel: torch")

@@ -33,7 +33,6 @@ is first imported) the kernel runs on CPU tensors through Triton's interpreter.
 from __future__ import annotations
 
 import itertools
-import os
 from typing import NamedTuple
 
 import torch
@@ -42,6 +41,7 @@ import triton.language as tl
 import triton.testing
 from torch import Tensor
 
+from kernels.dispatch import interpreting
 from kernels.int4 import check_w4a16_args
 
 
@@ -194,7 +194,6 @@ def triton_w4a16_matmul(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     if config is None:
-        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        config = (heuristic_config(m, n, k, group_size) if interpreting or x.device.type != "cuda"
+        config = (heuristic_config(m, n, k, group_size) if interpreting() or x.device.type != "cuda"
                   else _autotuned(x, packed, scales, zeros, group_size))
     return _launch(x, packed, scales, zeros, group_size, config)

@@ -8,6 +8,7 @@ later push completes, a fresh checkout pulls identical bytes, and no cache holds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -72,17 +73,16 @@ class FaultProxy:
 
     def _handle(self, conn: socket.socket, fault: str | None) -> None:
         try:
-            if fault == "503":
-                _read_request(conn)
-                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
-                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(ERROR_BODY), ERROR_BODY))
-            elif fault == "stall":
-                _read_request(conn)
-                self._stop.wait(60)
-            else:
-                self._forward(conn, limit=CUT_AFTER if fault == "cut" else None)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # the client hung up: nothing left to answer
+                if fault == "503":
+                    _read_request(conn)
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(ERROR_BODY), ERROR_BODY))
+                elif fault == "stall":
+                    _read_request(conn)
+                    self._stop.wait(60)
+                else:
+                    self._forward(conn, limit=CUT_AFTER if fault == "cut" else None)
         finally:
             _close(conn)
 
@@ -95,42 +95,32 @@ class FaultProxy:
         threading.Thread(target=_pipe, args=(conn, upstream), daemon=True).start()
         sent = 0
         try:
-            while True:
-                data = upstream.recv(65536)
-                if not data:
-                    break
-                if self.delay:
-                    time.sleep(self.delay)
-                if limit is not None and sent + len(data) >= limit:
-                    conn.sendall(data[:limit - sent])
-                    break
-                conn.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # either side closed: the relay ends
+                while data := upstream.recv(65536):
+                    if self.delay:
+                        time.sleep(self.delay)
+                    if limit is not None and sent + len(data) >= limit:
+                        conn.sendall(data[:limit - sent])
+                        break
+                    conn.sendall(data)
+                    sent += len(data)
         finally:
             _close(upstream)
 
 
 def _close(sock: socket.socket) -> None:
     """Shut down first: a plain close leaves the connection open while another thread reads it."""
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         while data := src.recv(65536):
             dst.sendall(data)
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
 
 
 def _read_request(conn: socket.socket) -> None:
