@@ -14,7 +14,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[triton,dev,nlp]'
+	$(PY) -m pip install --quiet -e '.[triton,dev,nlp,cpu]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -19,11 +19,18 @@ ops against the fp32 matmul, so the table says what a CPU user gets.
 
     python -m benchmarks.kernels [--shapes 4096x4096 ...] [--batches 1 16 64 256] [--peak-gbps G]
                                  [--merge-tasks 2 4 8] [--qat-tokens 8192] [--sections matmul merge qat]
-                                 [--kernel auto|torch|triton] [--quick]
+                                 [--kernel auto|torch|triton] [--warm-cache] [--quick]
 
 Writes benchmarks/results/kernels.csv, kernels.md and kernels.png. Timings are medians; on a
 GPU they come from ``triton.testing.do_bench``, which flushes the L2 cache between calls so a
-4096×4096 int4 weight (8 MiB) is really read from memory.
+4096×4096 int4 weight (8 MiB) is really read from memory. On CPU the matmuls are timed the same
+way (the last-level cache flushed before each call) unless ``--warm-cache``: an 8 MiB int4 or
+16 MiB int8 weight fits a 32 MiB L3, and back-to-back calls then read it from there, which
+flatters every low-bit row several-fold against the 64 MiB fp32 weight that never fits.
+
+On CPU the low-bit rows are torch's packed ops (weight-only int8 and int4, bf16 activations),
+fbgemm's W8A8 (``kernels.cpu.int8_dynamic_matmul``, per-token) and onnxruntime's W4A8
+MatMulNBits (``kernels.cpu_w4a8``, the ``[cpu]`` extra).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from torch import nn
 
 import kernels
 from kernels import cpu as cpu_ops
+from kernels.cpu_w4a8 import prepare_w4a8_cpu, w4a8_available, w4a8_matmul, w4a8_session
 from kernels.int4 import dequantize_int4, pack_int4
 from kernels.sparse24 import Sparse24Linear, semi_structured_supported
 from tasks.quantize.qat_quantizers import LsqQuantizer
@@ -65,8 +73,29 @@ def peak_gbps(device: torch.device, given: float | None) -> float | None:
     return next((gbps for key, gbps in PEAK_GBPS.items() if key in name), None)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` in ms (GPU: do_bench with L2 flushes; CPU: perf_counter)."""
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache in bytes, from sysfs (64 MiB where it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=64 << 20)
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.ones(2 * last_level_cache_bytes() // 4)  # twice the last-level cache, fp32
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, cold: bool = False) -> float:
+    """Median wall time of ``fn`` in ms (GPU: do_bench with L2 flushes; CPU: perf_counter).
+
+    ``cold`` on CPU reads a buffer twice the last-level cache before every timed call (reading
+    leaves no dirty lines to write back during the call), so a weight that would fit the cache
+    (a 4096×4096 int4 matrix is 8 MiB) is fetched from memory as in a model too large to stay
+    cached; do_bench does the same for the GPU's L2.
+    """
     if device.type == "cuda":
         import triton.testing  # GPU runs have the triton extra
 
@@ -74,6 +103,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        if cold:
+            _flush_buffer().max()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -121,6 +152,14 @@ def gemm_cases(k: int, n: int, m: int, device: torch.device, impl: str,
             p4, sz4 = cpu_ops.prepare_int4_cpu(codes, scales.float(), zeros.float(), GROUP)
             cases[f"int4 g{GROUP} w-only packed (torch CPU op)"] = (
                 lambda: cpu_ops.int4_weight_matmul(xb, p4, sz4, GROUP), int4_bytes + io // 2)
+        if cpu_ops.int8_dynamic_available():
+            w8d = cpu_ops.prepare_int8_dynamic(w_q, w_s)
+            cases["W8A8 per-token (fbgemm CPU op)"] = (
+                lambda: cpu_ops.int8_dynamic_matmul(x, w8d, per_token=True), n * k + 4 * n + io)
+        if w4a8_available():  # onnxruntime's int4 × int8 MatMulNBits, activations int8 per block of GROUP
+            session = w4a8_session(prepare_w4a8_cpu(codes, scales.float(), zeros.float(), GROUP), k, GROUP,
+                                   torch.get_num_threads())
+            cases[f"W4A8 g{GROUP} (onnxruntime CPU op)"] = (lambda: w4a8_matmul(x, session), int4_bytes + io)
     return cases
 
 
@@ -141,7 +180,7 @@ def gemm_rows(args, device: torch.device, peak: float | None) -> list[dict]:
             for name, (fn, nbytes) in cases.items():
                 with torch.inference_mode():
                     out = fn()
-                    ms = median_ms(fn, device, args.repeats)
+                    ms = median_ms(fn, device, args.repeats, cold=not args.warm_cache)
                 base_ms, dense = base_ms or ms, dense if dense is not None else out
                 r = row("matmul", f"{k}x{n}", m, name, ms, base_ms, nbytes, peak)
                 r["SQNR dB vs dense"] = None if "2:4" in name else sqnr_db(dense, out)
@@ -258,6 +297,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="implementation of the kernels timed: auto = Triton on a GPU, the torch reference on CPU; "
                          "triton on CPU needs TRITON_INTERPRET=1 (a correctness run, not a timing)")
     ap.add_argument("--sections", nargs="+", choices=["matmul", "merge", "qat"], default=["matmul", "merge", "qat"])
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="CPU matmuls: time back-to-back calls, weights that fit the last-level cache stay there "
+                         "(default: that cache is flushed before every call)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every section")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -275,7 +317,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "kernels.csv", index=False)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cache = "warm cache" if args.warm_cache else f"{last_level_cache_bytes() >> 20} MiB cache flushed before each call"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads, matmuls with {cache}")
     title = f"# Kernel benchmark on {name} (peak {peak or 'unknown'} GB/s)\n\n"
     (args.out / "kernels.md").write_text(title + df.to_markdown(index=False) + "\n")
     plot(df, args.out / "kernels.png")

@@ -144,7 +144,7 @@ def load_any(directory: Path, device: torch.device | str = "cpu"):
         from tasks.quantize import load_packed_artifact  # the quantize stage owns the packed layout
 
         model = build_from_spec(meta["model"]).to(device)
-        return load_packed_artifact(Path(directory), model, meta.get("kernel", "auto"))
+        return load_packed_artifact(Path(directory), model, meta.get("kernel", "auto"), meta.get("cpu_int4", "w4a16"))
     model = load_model(directory).to(device)
     if torch.device(device).type == "cuda" and pruned_2to4(meta):
         from kernels.sparse24 import sparsify_24

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kernels import Kernel
 from tasks.quantize import QuantizeMethod
+from tasks.quantize.execution import CpuInt4
 from tasks.quantize.rtn import RtnConfig
 from tasks.select.output import DataSource
 
@@ -21,6 +22,11 @@ class QuantizeConfig(BaseModel):
                     "each entry's method: rtn (default), gptq or awq",
     )
     kernel: Kernel = "auto"
+    cpu_int4: CpuInt4 = Field(
+        default="w4a16",
+        description="how 2/3/4-bit layers run on CPU with kernel auto: w4a16 = torch's int4pack op, weight-only "
+                    "(bf16 activations); w4a8 = onnxruntime's MatMulNBits, activations also quantized to int8 "
+                    "per block of the group size (several times faster at small batches; needs the [cpu] extra)")
     calibration: DataSource = Field(
         default_factory=lambda: DataSource(size=256),
         description="the calibration set GPTQ and AWQ fit on; each variant's agreement with the float "

@@ -11,8 +11,11 @@ once at load time by ``execution_module``:
   ``kernel="torch"`` the exact torch reference.
 
 - CPU, 8-bit per-channel/tensor: ``Int8Linear`` -> ``kernels.cpu.int8_weight_matmul``.
-- CPU, 2/3/4-bit (codes all fit a nibble), ``kernel="auto"``: ``Int4CpuLinear`` ->
-  torch's int4pack CPU op, weights converted once here, when ``supports_int4_cpu``.
+- CPU, 2/3/4-bit (codes all fit a nibble), ``kernel="auto"``: with ``cpu_int4="w4a16"`` (the
+  default) ``Int4CpuLinear`` -> torch's int4pack CPU op (weight-only, bf16 activations), weights
+  converted once here, when ``supports_int4_cpu``; with ``cpu_int4="w4a8"`` ``W4A8CpuLinear`` ->
+  onnxruntime's MatMulNBits (``kernels.cpu_w4a8``: int8 activations per block of g, several times
+  faster at small batches), when ``supports_w4a8_cpu``, else the int4pack op as before.
 - CUDA, or an explicit ``kernel="torch"|"triton"``, 2/3/4-bit: ``W4A16Linear`` ->
   ``kernels.w4a16_matmul``.
 - Anything else (8-bit groups, shapes the kernels reject, conv layers, and MultiheadAttention's
@@ -43,6 +46,7 @@ trainable parameters.
 from __future__ import annotations
 
 import abc
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -57,9 +61,19 @@ from kernels.cpu import (
     prepare_int8_dynamic,
     supports_int4_cpu,
 )
+from kernels.cpu_w4a8 import (
+    prepare_w4a8_cpu,
+    supports_w4a8_cpu,
+    w4a8_available,
+    w4a8_matmul,
+    w4a8_session,
+)
 from kernels.int4 import pack_int4
 from tasks.quantize.layerwise import QuantizedLayer
 from tasks.quantize.rtn import QuantizedWeight
+
+CpuInt4 = Literal["w4a16", "w4a8"]
+CPU_INT4 = get_args(CpuInt4)
 
 
 def _unsigned(qw: QuantizedWeight) -> tuple[Tensor, Tensor]:
@@ -147,6 +161,36 @@ class Int4CpuLinear(PackedLinear):
         return int4_weight_matmul(x, self.weight_int4pack, self.scales_and_zeros, self.group_size)
 
 
+class W4A8CpuLinear(PackedLinear):
+    """2/3/4-bit group-wise weights × int8 block-quantized activations on onnxruntime's MatMulNBits (CPU).
+
+    The prepared weight lives in buffers; the onnxruntime session built from it is made on first
+    use for the current ``torch.get_num_threads()`` (a session fixes its thread pool) and never
+    copied or saved: a deep copy or unpickled module builds its own.
+    """
+
+    def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
+        super().__init__(layer, bias, device)
+        qw = layer.weight
+        codes, zeros = _unsigned(qw)
+        for name, tensor in prepare_w4a8_cpu(codes, qw.scales, zeros, qw.group_size).items():
+            self.register_buffer(f"w4a8_{name}", tensor)
+        self._sessions: dict[int, object] = {}
+
+    def _session(self):
+        threads = torch.get_num_threads()
+        if threads not in self._sessions:
+            weight = {name: getattr(self, f"w4a8_{name}") for name in ("B", "scales", "zero_points")}
+            self._sessions[threads] = w4a8_session(weight, self.in_features, self.group_size, threads)
+        return self._sessions[threads]
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return w4a8_matmul(x, self._session())
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_sessions": {}}
+
+
 class W8A8Linear(PackedLinear):
     """SmoothQuant W8A8: int8 weights per output channel, activations quantized to int8 at every call.
 
@@ -195,8 +239,18 @@ class W4A16Linear(PackedLinear):
         return kernels.w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size, kernel=self.kernel)
 
 
+def check_cpu_int4(cpu_int4: str) -> None:
+    """Fail early on a bad ``cpu_int4`` setting, or on ``w4a8`` without onnxruntime installed."""
+    if cpu_int4 not in CPU_INT4:
+        raise ValueError(f"cpu_int4: {cpu_int4!r} is not one of {', '.join(CPU_INT4)}")
+    if cpu_int4 == "w4a8" and not w4a8_available():
+        raise ValueError("cpu_int4: 'w4a8' runs on onnxruntime, which is not installed "
+                         "(pip install 'slimforge[cpu]'), or use 'w4a16'")
+
+
 def execution_module(layer: QuantizedLayer, bias: Tensor | None, device: torch.device,
-                      kernel: kernels.Kernel, activations: str | None = None) -> PackedLinear | None:
+                      kernel: kernels.Kernel, activations: str | None = None,
+                      cpu_int4: CpuInt4 = "w4a16") -> PackedLinear | None:
     """The packed module that will run this layer, or None to dequantize to dense."""
     qw = layer.weight
     n, k = qw.shape
@@ -207,6 +261,8 @@ def execution_module(layer: QuantizedLayer, bias: Tensor | None, device: torch.d
     if qw.bits == 8:
         return Int8Linear(layer, bias, device) if device.type == "cpu" and qw.group_size == k else None
     if device.type == "cpu" and kernel == "auto":
+        if cpu_int4 == "w4a8" and supports_w4a8_cpu(qw.group_size, _unsigned(qw)[1]):
+            return W4A8CpuLinear(layer, bias, device)
         return Int4CpuLinear(layer, bias, device) if supports_int4_cpu(n, k, qw.group_size) else None
     if k % 2 or qw.group_size % 2:
         return None

@@ -67,7 +67,7 @@ from kernels.bitpack import pack_bits, packed_width, unpack_bits
 from kernels.int4 import pack_int4, unpack_int4
 from slimforge.artifacts import WEIGHTS, ArtifactError, load_tensors, save_tensors
 from tasks.quantize.attention import in_proj_owners, split_attentions, weight_key
-from tasks.quantize.execution import execution_module
+from tasks.quantize.execution import CpuInt4, check_cpu_int4, execution_module
 from tasks.quantize.layerwise import QuantizedLayer
 from tasks.quantize.lorc import apply_lorc, read_low_rank, store_low_rank
 from tasks.quantize.rtn import GridConfig, QuantizedWeight
@@ -286,18 +286,21 @@ def read_layers(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str
 
 
 def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
-                   kernel: kernels.Kernel = "auto") -> nn.Module:
+                   kernel: kernels.Kernel = "auto", cpu_int4: CpuInt4 = "w4a16") -> nn.Module:
     """Load ``quantize_model`` output into ``model`` (same architecture), in place.
 
     Every tensor is checked before the model is touched, so a bad file raises an
     ArtifactError and leaves ``model`` unchanged.
 
     ``kernel`` picks the W4A16 and W8A8 implementation (``kernels.resolve_kernel``); on CPU,
-    ``"auto"`` uses torch's packed CPU ops instead (for W8A8, fbgemm where it applies).
+    ``"auto"`` uses torch's packed CPU ops instead (for W8A8, fbgemm where it applies), and
+    ``cpu_int4`` picks the 2/3/4-bit one there: torch's weight-only int4pack op (``w4a16``) or
+    onnxruntime's int4 × int8 MatMulNBits (``w4a8``, ``execution.W4A8CpuLinear``).
     """
     params = next(model.parameters(), None)
     device = params.device if params is not None else torch.device("cpu")
     kernels.resolve_kernel(kernel, device)  # fail early on a bad setting
+    check_cpu_int4(cpu_int4)
     layers = read_layers(model, tensors, metadata)
     w8a8 = _read_layout(metadata).w8a8
     _load_rest(copy.deepcopy(model), tensors, list(layers))  # validate everything before touching the model
@@ -305,7 +308,7 @@ def load_quantized(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[
     split_attentions(model, in_proj_owners(model, layers))
     for name, layer in layers.items():
         module = model.get_submodule(name)
-        packed = (execution_module(layer, module.bias, device, kernel, w8a8.get(name))
+        packed = (execution_module(layer, module.bias, device, kernel, w8a8.get(name), cpu_int4)
                   if type(module) is nn.Linear else None)
         if packed is None:
             with torch.no_grad():
@@ -346,7 +349,8 @@ def dequantized_state(model: nn.Module, tensors: dict[str, Tensor], metadata: di
     return state
 
 
-def load_packed_artifact(directory, model: nn.Module, kernel: kernels.Kernel = "auto") -> nn.Module:
+def load_packed_artifact(directory, model: nn.Module, kernel: kernels.Kernel = "auto",
+                         cpu_int4: CpuInt4 = "w4a16") -> nn.Module:
     """A packed quantized artifact directory loaded into ``model`` (same architecture)."""
     tensors, metadata = read_packed(directory)
-    return load_quantized(model, tensors, metadata, kernel).eval()
+    return load_quantized(model, tensors, metadata, kernel, cpu_int4).eval()

@@ -67,8 +67,9 @@ def run(params, ws, fanout=None) -> dict:
             write_meta(target, root=ws.root, stage="quantize", method=variant.method,
                        config=variant.model_dump(mode="json"), seed=cfg.seed,
                        parents={**parents, "training": ws.artifact("ingest")} if method.data == "train" else parents,
-                       extra={"model": spec, "format": "packed", "kernel": cfg.kernel})
-            quantized = load_packed_artifact(target, build_from_spec(spec), cfg.kernel)  # fail here, not downstream
+                       extra={"model": spec, "format": "packed", "kernel": cfg.kernel, "cpu_int4": cfg.cpu_int4})
+            # fail here, not downstream
+            quantized = load_packed_artifact(target, build_from_spec(spec), cfg.kernel, cfg.cpu_int4)
             packed = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
             errors = layer_output_errors(base, quantized, calib_x, packed)
             out[variant.name] = {"method": variant.method, "bits": variant.bits, "granularity": variant.granularity,

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels.cpu_w4a8 import w4a8_available
 from slimforge.artifacts import read_meta
 from slimforge.checkpoint import load_any, load_model
 from slimforge.config import ParamsError, dump_params, validate_params
 from slimforge.data import load_dataset
 from slimforge.workspace import Workspace
 from tasks.ingest.stage import run as run_ingest
-from tasks.quantize.execution import PackedLinear
+from tasks.quantize.execution import PackedLinear, W4A8CpuLinear
 from tasks.quantize.stage import run as run_quantize
 from tasks.select.stage import run as run_select
 from tasks.train.stage import run as run_train
@@ -81,3 +82,16 @@ def test_an_unknown_method_names_the_valid_ones(ws):
     assert "p.yaml: quantize.variants.0" in str(e.value) and "'rtn', 'gptq', 'awq'" in str(e.value)
     with pytest.raises(ParamsError, match=r"quantize.variants.0.damp: -1"):
         validate_params({"quantize": {"variants": [{"name": "a", "method": "gptq", "bits": 4, "damp": -1}]}}, "p.yaml")
+
+
+@pytest.mark.skipif(not w4a8_available(), reason="onnxruntime (the [cpu] extra) is not installed")
+def test_cpu_int4_w4a8_reaches_the_artifact_and_its_loader(ws):
+    variant = {"name": "w4", "bits": 4, "granularity": "group", "group_size": 32}
+    params = _params(ws.root, quantize={"variants": [variant], "calibration": {"size": 64}, "cpu_int4": "w4a8"})
+    metrics = run_quantize(params, ws)
+    assert read_meta(ws.artifact("quantize") / "w4")["cpu_int4"] == "w4a8"
+    model = load_any(ws.artifact("quantize") / "w4")
+    assert any(isinstance(m, W4A8CpuLinear) for m in model.modules())  # what evaluate will time
+    assert metrics["w4"]["calibration_agreement"] >= 0.8
+    with pytest.raises(ParamsError, match=r"quantize.cpu_int4"):
+        validate_params({"quantize": {"cpu_int4": "int4"}}, "p.yaml")
