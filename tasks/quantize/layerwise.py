@@ -80,12 +80,15 @@ class QuantizedLayer:
         Wᵀ (K, N), so its groups run along the output rows of W: AdaDim's per-IC, ``adadim.py``).
     lorc: LoRC's low-rank correction, or None: the layer computes ŵ_eff·x + Û(V̂x) on its
         original input x (before input_scale).
+    activations: a W8A8 layer's own activation granularity ("per_token" or "per_tensor") where
+        the method chose it per layer (SmoothQuant's ``activations: adaptive``), else None.
     """
 
     weight: QuantizedWeight
     input_scale: Tensor | None = None
     group_axis: Literal["input", "output"] = "input"
     lorc: LowRank | None = None
+    activations: Literal["per_token", "per_tensor"] | None = None
 
     def effective_weight(self) -> Tensor:
         """(N, K) float32 dense weight computing the same function: ŵ (transposed back for an

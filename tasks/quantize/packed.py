@@ -35,6 +35,8 @@ The metadata key ``w8a8`` (a JSON object, absent in files from before it: read a
 marks layers whose *activations* are quantized too, mapping each such layer to its dynamic
 activation granularity, ``per_token`` or ``per_tensor`` (SmoothQuant variants mark every
 packed layer). Their weights are 8-bit symmetric with one scale per output channel or tensor.
+With ``activations: adaptive`` each layer has its own; the writer passes them to the metadata
+through one-byte uint8 markers ``<name>.per_token`` (1,), which are stored but not read back.
 
 An in-projection's tensors are ``<attn>.in_proj.qweight`` (3·inner rows: W_q, W_k, W_v),
 ``<attn>.in_proj.scales`` and so on, as above; its bias stays ``<attn>.in_proj_bias``.
@@ -74,7 +76,7 @@ from tasks.quantize.rtn import GridConfig, QuantizedWeight
 
 FORMAT = "slimforge.packed/1"
 _SUFFIXES = ("qweight", "scales", "zeros", "input_scale", "lorc_u", "lorc_v", "lorc_u_scales", "lorc_v_scales",
-             "transposed")
+             "transposed", "per_token")
 ACTIVATIONS = ("per_token", "per_tensor")
 BYTE_STORAGE = "one unsigned code per uint8 byte"  # 2/3-bit code_storage of files from before bit packing
 CODE_STORAGE = {8: "int8 if symmetric else uint8, one code per byte",
@@ -117,6 +119,8 @@ def pack_layers(model: nn.Module, layers: dict[str, QuantizedLayer]) -> dict[str
             state.update(store_low_rank(name, layer.lorc))  # (N, r), (r, K)
         if layer.group_axis == "output":
             state[f"{name}.transposed"] = torch.ones(1, dtype=torch.uint8)  # qweight/scales/zeros hold Wᵀ
+        if layer.activations == "per_token":  # chosen per layer (adaptive): packed_layout reads it back
+            state[f"{name}.per_token"] = torch.ones(1, dtype=torch.uint8)
     return state
 
 
@@ -142,13 +146,24 @@ def packed_layout(cfg: GridConfig, tensors: dict[str, Tensor]) -> dict[str, str]
         "code_offset": str(2 ** (cfg.bits - 1) if cfg.symmetric and cfg.bits < 8 else 0),
         "packed": json.dumps(packed),
         "input_scales": json.dumps(sorted(k[: -len(".input_scale")] for k in tensors if k.endswith(".input_scale"))),
-        # a config whose method quantizes activations too (SmoothQuant) has a ``w8a8`` granularity
-        "w8a8": json.dumps({name: cfg.w8a8 for name in packed} if getattr(cfg, "w8a8", None) else {}),
+        "w8a8": json.dumps(w8a8_granularity(cfg, tensors, packed)),
         "group_axis": cfg.group_axis,
         "group_axis_output": json.dumps(_layers_with(tensors, "transposed")),
         "lorc": json.dumps(lorc),
         "lorc_bits": str(0 if not lorc else 8 if tensors[f"{lorc[0]}.lorc_u"].dtype == torch.int8 else 16),
     }
+
+
+def w8a8_granularity(cfg: GridConfig, tensors: dict[str, Tensor], packed: list[str]) -> dict[str, str]:
+    """layer -> activation granularity for a config whose method quantizes activations too (SmoothQuant's
+    ``w8a8``); ``adaptive`` resolves per layer from the ``<layer>.per_token`` markers ``pack_layers`` wrote."""
+    setting = getattr(cfg, "w8a8", None)
+    if not setting:
+        return {}
+    if setting != "adaptive":
+        return {name: setting for name in packed}
+    per_token = set(_layers_with(tensors, "per_token"))
+    return {name: "per_token" if name in per_token else "per_tensor" for name in packed}
 
 
 def _layers_with(tensors: dict[str, Tensor], suffix: str) -> list[str]:

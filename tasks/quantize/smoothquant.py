@@ -37,6 +37,7 @@ norm1 affine (METHODS.md "Scale folding") but, as for every layer here, it stays
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -48,6 +49,7 @@ from tasks.quantize.layerwise import QuantizedLayer, quantize_in_order
 from tasks.quantize.rtn import GridConfig, quantize_weight
 
 Activations = Literal["per_token", "per_tensor"]
+ActivationSetting = Literal["per_token", "per_tensor", "adaptive"]
 
 
 class SmoothQuantConfig(GridConfig):
@@ -60,12 +62,17 @@ class SmoothQuantConfig(GridConfig):
     symmetric: Literal[True] = Field(default=True, description="absmax int8, zero-point 0 (the int8 GEMM needs it)")
     alpha: float = Field(default=0.5, ge=0, le=1, description="migration strength: 0 leaves the difficulty on the "
                          "activations, 1 moves it all to the weights")
-    activations: Activations = Field(default="per_token", description="dynamic int8 activation scale per token "
-                                     "(row) or one per call")
+    activations: ActivationSetting = Field(
+        default="per_token", description="dynamic int8 activation scale per token (row), one per call, or adaptive: "
+        "per layer, per tensor where that costs at most adaptive_tolerance times the per-token layer-output error "
+        "on the calibration set, per token elsewhere")
+    adaptive_tolerance: float = Field(default=1.5, ge=1, description="activations: adaptive keeps a layer per tensor "
+                                      "while its calibration output error is at most this multiple of per-token's")
 
     @property
-    def w8a8(self) -> Activations:
-        """The packed format's W8A8 marker (``packed.packed_layout``): every layer's activation granularity."""
+    def w8a8(self) -> ActivationSetting:
+        """The packed format's W8A8 marker (``packed.packed_layout``): the layers' activation granularity
+        (``adaptive``: each layer's own, ``QuantizedLayer.activations``)."""
         return self.activations
 
 
@@ -88,7 +95,29 @@ def smoothquant_layer(w: Tensor, x: Tensor, taps: int, cfg: SmoothQuantConfig) -
     """SmoothQuant one layer: w (N, K), calibration x (M, K) with ``taps`` columns per input channel."""
     s = smoothing_scales(channel_max(x, taps), channel_max(w, taps), cfg.alpha)  # (C,)
     cols = s.repeat_interleave(taps)  # (K,)
-    return QuantizedLayer(quantize_weight(w * cols, cfg), input_scale=(1 / s).float())
+    layer = QuantizedLayer(quantize_weight(w * cols, cfg), input_scale=(1 / s).float())
+    if cfg.activations == "adaptive":
+        return replace(layer, activations=cheapest_activations(layer, w, x, cfg.adaptive_tolerance))
+    return layer
+
+
+def activation_errors(layer: QuantizedLayer, w: Tensor, x: Tensor) -> dict[Activations, float]:
+    """‖XWᵀ − W8A8(X)‖_F / ‖XWᵀ‖_F of the layer on calibration x (M, K), per activation granularity.
+
+    Per tensor, the one grid spans all M calibration rows: a batch of that many tokens at run time."""
+    ref = x @ w.t()  # (M, N)
+    norm = ref.norm().clamp_min(1e-12)
+    return {a: float((w8a8_output(layer, x, a) - ref).norm() / norm) for a in ("per_token", "per_tensor")}
+
+
+def cheapest_activations(layer: QuantizedLayer, w: Tensor, x: Tensor, tolerance: float) -> Activations:
+    """per_tensor (one scale per call: no per-row pass, the cheaper kernel call) where its calibration
+    output error is at most ``tolerance`` × per-token's, else per_token. Not in the paper, which fixes
+    one granularity for the whole model (its O1-O3 levels); outliers concentrate in a few layers
+    (in all-MiniLM-L6-v2 the FFN down-projections, whose GELU outputs carry a few huge tokens), so
+    those alone pay for per-token scales."""
+    errors = activation_errors(layer, w, x)
+    return "per_tensor" if errors["per_tensor"] <= tolerance * errors["per_token"] else "per_token"
 
 
 def quantize_smoothquant(model: nn.Module, x: Tensor, cfg: SmoothQuantConfig) -> dict[str, QuantizedLayer]:

@@ -1,5 +1,8 @@
 """SmoothQuant (tasks/quantize/smoothquant.py): METHODS.md §5 `smoothquant` properties."""
 
+import copy
+import json
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -10,6 +13,7 @@ from tasks.quantize.layerwise import QuantizedLayer, layer_inputs, quantizable, 
 from tasks.quantize.rtn import quantize_weight
 from tasks.quantize.smoothquant import (
     SmoothQuantConfig,
+    activation_errors,
     channel_max,
     quantize_smoothquant,
     smoothing_scales,
@@ -34,7 +38,8 @@ def test_config_fixes_int8_symmetric_and_is_registered():
     cfg = sq()
     assert (cfg.bits, cfg.symmetric, cfg.alpha, cfg.activations) == (8, True, 0.5, "per_token")
     assert get_method("smoothquant").config is SmoothQuantConfig
-    for bad in ({"bits": 4}, {"symmetric": False}, {"granularity": "group"}, {"alpha": 1.5}, {"activations": "per_channel"}):
+    for bad in ({"bits": 4}, {"symmetric": False}, {"granularity": "group"}, {"alpha": 1.5}, {"activations": "per_channel"},
+                {"adaptive_tolerance": 0.5}):
         with pytest.raises(ValidationError):
             sq(**bad)
 
@@ -113,3 +118,36 @@ def test_trained_mlp_layers_are_all_smoothed(trained_mlp, digits_split):
         assert layer.weight.codes.dtype == torch.int8 and layer.weight.group_size == module.in_features
         x = layer_inputs(trained_mlp, module, calib)
         assert taps(module) == 1 and x.shape[1] == module.in_features
+
+
+def test_adaptive_keeps_per_tensor_unless_a_few_tokens_own_the_grid():
+    w, x = outlier_inputs(5, factor=1.0)  # no outliers: one grid for all rows costs little
+    layer = smoothquant_layer(w, x, 1, sq(activations="adaptive"))
+    errors = activation_errors(layer, w, x)
+    assert layer.activations == "per_tensor" and errors["per_tensor"] <= 1.5 * errors["per_token"]
+    x_spiky = x.clone()
+    x_spiky[:3] *= 100  # three tokens 100× larger, as a BERT FFN's GELU outputs have
+    spiky = smoothquant_layer(w, x_spiky, 1, sq(activations="adaptive"))
+    errors = activation_errors(spiky, w, x_spiky)
+    assert spiky.activations == "per_token" and errors["per_tensor"] > 3 * errors["per_token"]
+    loose = smoothquant_layer(w, x_spiky, 1, sq(activations="adaptive", adaptive_tolerance=1e6))
+    assert loose.activations == "per_tensor"  # the tolerance is what decides
+    assert smoothquant_layer(w, x_spiky, 1, sq()).activations is None  # fixed settings mark nothing
+
+
+def test_adaptive_choices_reach_the_packed_layout_and_loader(trained_mlp, digits_split):
+    from tasks.quantize.execution import W8A8Linear
+    from tasks.quantize.packed import load_quantized, packed_layout, quantize_model
+
+    x = digits_split[0][:256].clone()
+    x[:2] *= 50  # two outlier rows: some layers will want per-token scales
+    cfg = sq(activations="adaptive")
+    state = quantize_model(trained_mlp, cfg, x)
+    layout = json.loads(packed_layout(cfg, state)["w8a8"])
+    chosen = quantize_smoothquant(trained_mlp, x, cfg)
+    assert layout == {name: layer.activations for name, layer in chosen.items()}
+    assert set(layout.values()) <= {"per_token", "per_tensor"}
+    loaded = load_quantized(copy.deepcopy(trained_mlp), state, packed_layout(cfg, state))
+    for name, activations in layout.items():
+        module = loaded.get_submodule(name)
+        assert isinstance(module, W8A8Linear) and module.activations == activations
