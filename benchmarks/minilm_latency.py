@@ -4,10 +4,12 @@ Quantizes every Linear of the real pretrained encoder (``slimforge.text.load_min
 the quantize stage (``quantize_model`` + ``load_quantized``): RTN int8 per-channel on
 ``_weight_int8pack_mm`` and int4 group-32 on ``_weight_int4pack_mm_for_cpu`` (weight-only,
 bf16 activations around the ops), and SmoothQuant W8A8 (α = 0.5, int8 per-channel weights,
-activations quantized per tensor or per token, both on fbgemm's dynamic int8 Linear through
-``W8A8Linear``), calibrated on ``--calibration`` sentences each cut to its first 16 tokens so
+activations quantized per tensor, per token, or chosen per layer (``adaptive``), all on fbgemm's
+dynamic int8 Linear through ``W8A8Linear``), calibrated on ``--calibration`` sentences each cut to its first 16 tokens so
 the calibration batch needs no padding; and GPTQ and AWQ int4 (groups of 128 and 32, symmetric,
-on the same int4 kernel as RTN's), calibrated on up to ``--gptq-calibration`` whole sentences,
+on the same int4 kernel as RTN's; every group-128 int4 variant also runs as a "W4A8" twin, the same
+packed weights on onnxruntime's int4 × int8 MatMulNBits, ``cpu_int4: w4a8``), calibrated on up to
+``--gptq-calibration`` whole sentences,
 padded, with their ``attention_mask`` so only real tokens enter each layer's X
 (``layerwise.layer_inputs``). Every calibration sentence is disjoint from the evaluation ones
 (400 of the reference manual's ~405 sentences: 300 for evaluation leave 100). It reports, per variant, ms to encode one batch of
@@ -16,8 +18,8 @@ warm-up, as the evaluate harness's ``latency_ms``) at each thread count, plus th
 of its sentence embeddings with fp32 on ``--sentences`` sentences
 (``slimforge.text.embedding_agreement``).
 
-    python -m benchmarks.minilm_latency [--threads 1 2] [--batch 64] [--repeats 10] [--sentences 300]
-        [--calibration 64] [--gptq-calibration 128]
+    python -m benchmarks.minilm_latency [--threads 1 2] [--batch 1 16 64] [--repeats 10] [--sentences 300]
+        [--calibration 64] [--gptq-calibration 128] [--variants smoothquant "int4 group-128" ...]
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import time
 
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
+from kernels.cpu_w4a8 import w4a8_available
 from tasks.quantize.awq import AwqConfig
 from tasks.quantize.gptq import GptqConfig
 from tasks.quantize.layerwise import Calibration
@@ -45,6 +48,7 @@ VARIANTS = {
     "int4 group-128": RtnConfig(name="int4g128", bits=4, granularity="group", group_size=128),
     "W8A8 smoothquant per-tensor": SmoothQuantConfig(name="sq-t", method="smoothquant", activations="per_tensor"),
     "W8A8 smoothquant per-token": SmoothQuantConfig(name="sq", method="smoothquant"),
+    "W8A8 smoothquant adaptive": SmoothQuantConfig(name="sq-ad", method="smoothquant", activations="adaptive"),
 }
 # calibrated on whole, masked sentences (``calibration_batch``)
 MASKED_VARIANTS = {
@@ -52,6 +56,8 @@ MASKED_VARIANTS = {
                                          group_size=g)
     for g in (128, 32) for label, method, cfg_class in (("GPTQ", "gptq", GptqConfig), ("AWQ", "awq", AwqConfig))
 }
+# the same packed weights run on onnxruntime's W4A8 MatMulNBits too (``cpu_int4: w4a8``)
+W4A8_TWINS = {"int4 group-128", "GPTQ int4 group-128", "AWQ int4 group-128"}
 CALIBRATION_TOKENS = 16
 SENTENCE_POOL = 400  # of the ~405 sentences english_sentences has
 
@@ -73,10 +79,29 @@ def held_out(sentences: list[str], n: int) -> list[str]:
     return [rest[i * len(rest) // n] for i in range(n)] if n < len(rest) else rest
 
 
-def quantize_minilm(model: nn.Module, cfg: GridConfig, calib: Calibration | None = None) -> nn.Module:
-    """A copy of ``model`` whose Linear layers run packed weights (calibrated on ``calib``)."""
-    state = quantize_model(model, cfg, calib)
-    return load_quantized(copy.deepcopy(model), state, packed_layout(cfg, state)).eval()
+def quantize_minilm(model: nn.Module, cfg: GridConfig, calib: Calibration | None = None) -> dict[str, Tensor]:
+    """The packed state of ``model`` quantized with ``cfg`` (calibrated on ``calib``)."""
+    return quantize_model(model, cfg, calib)
+
+
+def load_minilm_packed(model: nn.Module, cfg: GridConfig, state: dict[str, Tensor], cpu_int4: str = "w4a16") -> nn.Module:
+    """A copy of ``model`` whose Linear layers run the packed weights of ``state``."""
+    return load_quantized(copy.deepcopy(model), state, packed_layout(cfg, state), cpu_int4=cpu_int4).eval()
+
+
+def quantized_models(fp32: nn.Module, calib: Tensor, masked: dict[str, Tensor], wanted: list[str] | None) -> dict:
+    """name -> loaded model for every variant whose name contains one of ``wanted`` (all when None),
+    plus a W4A8 twin of each int4 group-128 variant."""
+    models = {}
+    for name, cfg, data in ([(n, c, calib) for n, c in VARIANTS.items()]
+                            + [(n, c, masked) for n, c in MASKED_VARIANTS.items()]):
+        if wanted and not any(w in name for w in wanted):
+            continue
+        state = quantize_minilm(fp32, cfg, data)
+        models[name] = load_minilm_packed(fp32, cfg, state)
+        if name in W4A8_TWINS and w4a8_available():
+            models[f"{name} W4A8"] = load_minilm_packed(fp32, cfg, state, "w4a8")
+    return models
 
 
 def encode_ms(model: nn.Module, tokenizer, batch: list[str], repeats: int, warmup: int = 2) -> float:
@@ -94,7 +119,9 @@ def encode_ms(model: nn.Module, tokenizer, batch: list[str], repeats: int, warmu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts")
-    ap.add_argument("--batch", type=int, default=64, help="sentences per timed batch")
+    ap.add_argument("--batch", type=int, nargs="+", default=[64], help="sentences per timed batch (one column each)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="only the variants whose name contains one of these (default: all)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sentences", type=int, default=300, help="sentences for the agreement with fp32")
     ap.add_argument("--calibration", type=int, default=64, help="sentences SmoothQuant calibrates on")
@@ -106,9 +133,7 @@ def main() -> None:
     sentences = english_sentences(args.sentences)
     calib = calibration_ids(tokenizer, held_out(sentences, args.calibration))
     masked = calibration_batch(tokenizer, held_out(sentences, args.gptq_calibration))
-    models = ({"fp32": fp32} | {name: quantize_minilm(fp32, cfg, calib) for name, cfg in VARIANTS.items()}
-              | {name: quantize_minilm(fp32, cfg, masked) for name, cfg in MASKED_VARIANTS.items()})
-    batch = english_sentences(args.batch)
+    models = {"fp32": fp32} | quantized_models(fp32, calib, masked, args.variants)
     reference = encode(fp32, tokenizer, sentences)
     rows = []
     for name, model in models.items():
@@ -116,15 +141,18 @@ def main() -> None:
         row = {"model": name} | {k: round(v, 4) for k, v in agreement.items()}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            row[f"ms/batch {threads} thr"] = round(encode_ms(model, tokenizer, batch, args.repeats), 1)
+            for size in args.batch:
+                batch = english_sentences(size)
+                row[f"ms b{size} {threads} thr"] = round(encode_ms(model, tokenizer, batch, args.repeats), 1)
         rows.append(row)
     df = pd.DataFrame(rows).set_index("model")
     for threads in args.threads:
-        ms = df[f"ms/batch {threads} thr"]
-        df[f"speedup {threads} thr"] = (ms["fp32"] / ms).round(2)
+        for size in args.batch:
+            ms = df[f"ms b{size} {threads} thr"]
+            df[f"speedup b{size} {threads} thr"] = (ms["fp32"] / ms).round(2)
     if args.csv:
         df.to_csv(args.csv)
-    print(f"all-MiniLM-L6-v2, batch of {args.batch} sentences, {args.sentences} sentences for agreement, "
+    print(f"all-MiniLM-L6-v2, batches of {args.batch} sentences, {args.sentences} sentences for agreement, "
           f"GPTQ/AWQ calibrated on {len(masked['input_ids'])} other sentences "
           f"({int(masked['attention_mask'].sum())} tokens)")
     print(df.to_string())

@@ -6,7 +6,8 @@ wheel (``slimforge.text.load_minilm``). Every method in the quantize registry wh
 ``"calibration"`` runs by default (``--qat`` adds the ones that train), at each of ``--bits`` and
 ``--granularities`` (group: 32 input channels for CNN/ViT, 128 for MiniLM). A variant goes
 through the stage's own path: its config from the registry, ``quantize_model``, ``save_packed``
-to a temp dir, ``load_packed_artifact`` into a fresh model (``kernel: auto``). A config the
+to a temp dir, ``load_packed_artifact`` into a fresh model (``kernel: auto``; ``--cpu-int4 w4a8``
+runs the 2/3/4-bit layers on onnxruntime's W4A8 MatMulNBits instead of torch's weight-only op). A config the
 method rejects (SmoothQuant below 8 bits or grouped) or a model no layer of which fits is
 skipped, with the reason printed.
 
@@ -25,7 +26,7 @@ shared machine hits both sides. Rows go to ``<out>/quantize.csv`` as they finish
 bits per method, one panel per model; quality vs bytes).
 
     python -m benchmarks.quantize [--models cnn vit minilm] [--methods rtn gptq ...] [--bits 8 4 3 2]
-        [--granularities channel group] [--seeds 0] [--epochs 8] [--repeats 10] [--qat] [--quick]
+        [--granularities channel group] [--seeds 0] [--epochs 8] [--repeats 10] [--qat] [--cpu-int4 w4a8] [--quick]
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def fp32_row(bench: Bench, batches) -> dict:
             "bytes": size, "quantize_s": 0.0, **measure(bench, bench.base, batches, paired=False)}
 
 
-def variant_row(bench: Bench, method: str, bits: int, granularity: str, batches) -> dict | str:
+def variant_row(bench: Bench, method: str, bits: int, granularity: str, batches, cpu_int4: str = "w4a16") -> dict | str:
     """The measured row of one variant, or the reason it was skipped."""
     entry = get_method(method)
     name = f"{method}-w{bits}{'g' + str(GROUP[bench.model]) if granularity == 'group' else 'c'}"
@@ -159,11 +160,11 @@ def variant_row(bench: Bench, method: str, bits: int, granularity: str, batches)
     with tempfile.TemporaryDirectory() as d:
         save_packed(Path(d) / WEIGHTS, tensors, cfg)
         size = (Path(d) / WEIGHTS).stat().st_size
-        loaded = load_packed_artifact(d, bench.fresh())  # what a user of the artifact runs
+        loaded = load_packed_artifact(d, bench.fresh(), cpu_int4=cpu_int4)  # what a user of the artifact runs
     layers = [n for n, m in bench.base.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, *ATTENTION))]
     return {"model": bench.model, "seed": bench.seed, "method": method, "bits": bits, "granularity": granularity,
             "group_size": GROUP[bench.model] if granularity == "group" else None, "bytes": size,
-            "quantize_s": round(seconds, 2), "packed_layers": f"{len(packed)}/{len(layers)}",
+            "quantize_s": round(seconds, 2), "packed_layers": f"{len(packed)}/{len(layers)}", "cpu_int4": cpu_int4,
             "kernels": kernel_summary(loaded, packed), **measure(bench, loaded, batches)}
 
 
@@ -186,7 +187,7 @@ def run(args) -> list[str]:
                 print(rows[-1], flush=True)
             with progress_bar(f"{model} seed {seed}", len(todo)) as (bar, task):
                 for method, bits, granularity in todo:
-                    row = variant_row(bench, method, bits, granularity, batches)
+                    row = variant_row(bench, method, bits, granularity, batches, args.cpu_int4)
                     bar.update(task, advance=1)
                     if isinstance(row, str):
                         skipped.append(f"{model} {method} {bits}-bit {granularity}: {row}")
@@ -284,6 +285,8 @@ def main() -> None:
     ap.add_argument("--calibration-sentences", type=int, default=CALIBRATION_SENTENCES)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", type=Path, default=OUT, help="directory of quantize.csv and quantize.png")
+    ap.add_argument("--cpu-int4", choices=["w4a16", "w4a8"], default="w4a16",
+                    help="the 2/3/4-bit CPU kernel the loader picks (quantize.cpu_int4); give w4a8 its own --out")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in quantize.csv, skip them")
     ap.add_argument("--quick", action="store_true", help="smoke run: CNN, 1 epoch, rtn+gptq+smoothquant, 8/4-bit, "
                                                          "64 calibration images, 2 repeats")
