@@ -136,18 +136,21 @@ def prepare_int8_dynamic(w_int8: Tensor, scales: Tensor, bias: Tensor | None = N
         return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float().cpu())
 
 
-def int8_dynamic_matmul(x: Tensor, packed, per_token: bool = False) -> Tensor:
-    """x (M, K) float @ prepacked int8 weightᵀ, x quantized at run time -> (M, N) in x's dtype.
+def int8_dynamic_matmul(x: Tensor, packed, per_token: bool = False, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) float @ prepacked int8 weightᵀ (+ bias), x quantized at run time -> (M, N) in x's dtype.
 
     Per tensor by default; ``per_token`` normalises each row by its max |x| before the op's
     per-tensor quantizer and scales the output row back, giving every token its own grid.
+    ``bias`` (N,) is for the per-token path, where it joins the row rescale in one pass
+    (``addcmul``); a per-tensor call gets its bias prepacked (``prepare_int8_dynamic``).
     """
     xf = x.float()
-    if per_token:
-        row_max = xf.abs().amax(dim=1, keepdim=True)  # (M, 1); 13x faster here than vector_norm(inf)
-        row_max = row_max.masked_fill_(row_max == 0, 1.0)
-        xf = xf / row_max
-    y = torch.ops.quantized.linear_dynamic(xf.contiguous(), packed, True)  # (M, N); reduce_range: AVX2-safe
-    if per_token:
-        y.mul_(row_max)
+    if not per_token:
+        if bias is not None:
+            raise ValueError("int8_dynamic_matmul: per tensor, prepack the bias with prepare_int8_dynamic")
+        return torch.ops.quantized.linear_dynamic(xf.contiguous(), packed, True).to(x.dtype)  # reduce_range: AVX2
+    row_max = xf.abs().amax(dim=1, keepdim=True)  # (M, 1); 13x faster here than vector_norm(inf)
+    row_max = row_max.masked_fill_(row_max == 0, 1.0)
+    y = torch.ops.quantized.linear_dynamic((xf / row_max).contiguous(), packed, True)  # (M, N)
+    y = y.mul_(row_max) if bias is None else torch.addcmul(bias.float(), y, row_max)
     return y.to(x.dtype)

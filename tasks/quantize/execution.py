@@ -208,14 +208,16 @@ class W8A8Linear(PackedLinear):
         self.register_buffer("scales", qw.scales[:, 0].float().to(device))  # (N,)
         fbgemm = device.type == "cpu" and kernel == "auto" and int8_dynamic_available()
         self.engine = "fbgemm" if fbgemm else kernels.resolve_kernel(kernel, device)
-        # per tensor, fbgemm adds the bias in its output stage; per token the rows are rescaled after the op
-        self.bias_in_op = fbgemm and activations == "per_tensor" and bias is not None
-        self._prepacked = (prepare_int8_dynamic(qw.codes, self.scales.cpu(), bias if self.bias_in_op else None)
-                           if fbgemm else None)
+        # per tensor, fbgemm adds the bias in its output stage; per token, the row rescale after the op does
+        self.bias_in_op = fbgemm and bias is not None
+        prepacked_bias = bias if self.bias_in_op and activations == "per_tensor" else None
+        self._prepacked = prepare_int8_dynamic(qw.codes, self.scales.cpu(), prepacked_bias) if fbgemm else None
 
     def _matmul(self, x: Tensor) -> Tensor:
         if self._prepacked is not None:
-            return int8_dynamic_matmul(x, self._prepacked, per_token=self.activations == "per_token")
+            if self.activations == "per_tensor":
+                return int8_dynamic_matmul(x, self._prepacked)
+            return int8_dynamic_matmul(x, self._prepacked, per_token=True, bias=self.bias)
         x_q, x_scales = kernels.quantize_activations(x, self.activations, self.kernel)  # (M, K) int8, (M,)
         return kernels.w8a8_matmul(x_q, x_scales, self.weight_int8, self.scales, out_dtype=x.dtype, kernel=self.kernel)
 

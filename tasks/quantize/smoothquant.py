@@ -66,7 +66,7 @@ class SmoothQuantConfig(GridConfig):
         default="per_token", description="dynamic int8 activation scale per token (row), one per call, or adaptive: "
         "per layer, per tensor where that costs at most adaptive_tolerance times the per-token layer-output error "
         "on the calibration set, per token elsewhere")
-    adaptive_tolerance: float = Field(default=1.5, ge=1, description="activations: adaptive keeps a layer per tensor "
+    adaptive_tolerance: float = Field(default=2.0, ge=1, description="activations: adaptive keeps a layer per tensor "
                                       "while its calibration output error is at most this multiple of per-token's")
 
     @property

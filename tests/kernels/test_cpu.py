@@ -116,3 +116,8 @@ def test_int8_dynamic_bias_in_the_op_equals_adding_it_after():
     fused = int8_dynamic_matmul(x, prepare_int8_dynamic(w, s, b))
     after = int8_dynamic_matmul(x, prepare_int8_dynamic(w, s)) + b
     torch.testing.assert_close(fused, after, atol=1e-5, rtol=1e-5)
+    packed = prepare_int8_dynamic(w, s)  # per token the bias joins the row rescale instead
+    fused = int8_dynamic_matmul(x, packed, per_token=True, bias=b)
+    torch.testing.assert_close(fused, int8_dynamic_matmul(x, packed, per_token=True) + b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prepack the bias"):
+        int8_dynamic_matmul(x, packed, bias=b)

@@ -124,7 +124,7 @@ def test_adaptive_keeps_per_tensor_unless_a_few_tokens_own_the_grid():
     w, x = outlier_inputs(5, factor=1.0)  # no outliers: one grid for all rows costs little
     layer = smoothquant_layer(w, x, 1, sq(activations="adaptive"))
     errors = activation_errors(layer, w, x)
-    assert layer.activations == "per_tensor" and errors["per_tensor"] <= 1.5 * errors["per_token"]
+    assert layer.activations == "per_tensor" and errors["per_tensor"] <= 2.0 * errors["per_token"]
     x_spiky = x.clone()
     x_spiky[:3] *= 100  # three tokens 100× larger, as a BERT FFN's GELU outputs have
     spiky = smoothquant_layer(w, x_spiky, 1, sq(activations="adaptive"))
