@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
 from kernels.cpu_w4a8 import w4a8_available
+from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
 from tasks.quantize.awq import AwqConfig
 from tasks.quantize.gptq import GptqConfig
 from tasks.quantize.layerwise import Calibration
