@@ -11,6 +11,8 @@ once at load time by ``execution_module``:
   ``kernel="torch"`` the exact torch reference.
 
 - CPU, 8-bit per-channel/tensor: ``Int8Linear`` -> ``kernels.cpu.int8_weight_matmul``.
+  Weight-only CPU layers (this and ``Int4CpuLinear``) switch to a tile-dequantized fp32 GEMM from
+  ``kernels.cpu.DENSE_FROM_ROWS`` rows on, where torch's packed ops run at half fp32's speed.
 - CPU, 2/3/4-bit (codes all fit a nibble), ``kernel="auto"``: with ``cpu_int4="w4a16"`` (the
   default) ``Int4CpuLinear`` -> torch's int4pack CPU op (weight-only, bf16 activations), weights
   converted once here, when ``supports_int4_cpu``; with ``cpu_int4="w4a8"`` ``W4A8CpuLinear`` ->
@@ -53,6 +55,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.cpu import (
+    DENSE_FROM_ROWS,
     int4_weight_matmul,
     int8_dynamic_available,
     int8_dynamic_matmul,
@@ -60,6 +63,7 @@ from kernels.cpu import (
     prepare_int4_cpu,
     prepare_int8_dynamic,
     supports_int4_cpu,
+    tiled_dense_matmul,
 )
 from kernels.cpu_w4a8 import (
     prepare_w4a8_cpu,
@@ -68,7 +72,7 @@ from kernels.cpu_w4a8 import (
     w4a8_matmul,
     w4a8_session,
 )
-from kernels.int4 import pack_int4
+from kernels.int4 import pack_int4, unpack_int4
 from tasks.quantize.layerwise import QuantizedLayer
 from tasks.quantize.rtn import QuantizedWeight
 
@@ -126,7 +130,9 @@ class Int8Linear(PackedLinear):
     """Per-channel int8 weights on torch's ``_weight_int8pack_mm`` (CPU).
 
     Asymmetric codes u ∈ [0, 255] run as int8 u − 128 with zero z − 128; the zero term
-    ``Σ_k x_k · s_n (z_n − 128)`` is added in fp32.
+    ``Σ_k x_k · s_n (z_n − 128)`` is added in fp32. From ``DENSE_FROM_ROWS`` rows on, where the
+    packed op is slower than fp32, the weight is dequantized a tile at a time into an fp32 GEMM
+    (``kernels.cpu.tiled_dense_matmul``).
     """
 
     def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
@@ -139,15 +145,26 @@ class Int8Linear(PackedLinear):
         self.register_buffer("scales", scales.to(device))
         self.register_buffer("zero_term", None if zero_term is None else zero_term.to(device))
 
+    def _dequantize_rows(self, rows: slice, out: Tensor) -> Tensor:
+        return torch.mul(self.weight_int8[rows], self.scales[rows, None], out=out)  # (r, K) codes·s
+
     def _matmul(self, x: Tensor) -> Tensor:
-        y = int8_weight_matmul(x, self.weight_int8, self.scales)  # (M, N)
+        if x.shape[0] >= DENSE_FROM_ROWS:
+            y = tiled_dense_matmul(x, self.out_features, self._dequantize_rows)
+        else:
+            y = int8_weight_matmul(x, self.weight_int8, self.scales)  # (M, N)
         if self.zero_term is not None:
             y = (y.float() - x.float().sum(dim=1, keepdim=True) * self.zero_term).to(x.dtype)
         return y
 
 
 class Int4CpuLinear(PackedLinear):
-    """2/3/4-bit group-wise weights on torch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations)."""
+    """2/3/4-bit group-wise weights on torch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations).
+
+    The op's blocked layout is opaque, so the nibble codes (``pack_int4``, half a byte per weight)
+    are kept beside it for the large-batch path: from ``DENSE_FROM_ROWS`` rows on the weight is
+    dequantized a tile at a time into an fp32 GEMM (``kernels.cpu.tiled_dense_matmul``).
+    """
 
     def __init__(self, layer: QuantizedLayer, bias: Tensor | None, device: torch.device):
         super().__init__(layer, bias, device)
@@ -156,8 +173,20 @@ class Int4CpuLinear(PackedLinear):
         packed, scales_and_zeros = prepare_int4_cpu(codes, qw.scales, zeros, qw.group_size)  # converted once
         self.register_buffer("weight_int4pack", packed.to(device))  # (N, K/2) uint8, torch's blocked layout
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(device))  # (K/g, N, 2) bf16
+        self.register_buffer("qweight", pack_int4(codes).to(device))  # (N, K/2) uint8, our nibbles
+        self.register_buffer("group_scales", qw.scales.float().to(device))  # (N, K/g)
+        self.register_buffer("group_zeros", zeros.float().to(device))  # (N, K/g)
+
+    def _dequantize_rows(self, rows: slice, out: Tensor) -> Tensor:
+        r, g = len(out), self.group_size
+        out.copy_(unpack_int4(self.qweight[rows]))  # (r, K) codes as floats
+        grouped = out.view(r, -1, g)  # (r, K/g, g): K % g == 0 here (supports_int4_cpu)
+        grouped.sub_(self.group_zeros[rows, :, None]).mul_(self.group_scales[rows, :, None])
+        return out
 
     def _matmul(self, x: Tensor) -> Tensor:
+        if x.shape[0] >= DENSE_FROM_ROWS:
+            return tiled_dense_matmul(x, self.out_features, self._dequantize_rows)
         return int4_weight_matmul(x, self.weight_int4pack, self.scales_and_zeros, self.group_size)
 
 

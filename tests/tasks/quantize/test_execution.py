@@ -1,4 +1,5 @@
-"""The W4A8 CPU path of the packed loader (execution.W4A8CpuLinear, ``cpu_int4: w4a8``)."""
+"""CPU execution choices of the packed loader: the W4A8 path (execution.W4A8CpuLinear, ``cpu_int4: w4a8``)
+and the weight-only layers' tiled fp32 path at large batches."""
 
 import copy
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import kernels.cpu
 from kernels.cpu_w4a8 import torch_w4a8_matmul, w4a8_available
 from slimforge.models import MLPConfig
 from tasks.quantize import AwqConfig, execution
@@ -95,3 +97,29 @@ def test_bad_or_unavailable_cpu_int4_setting(make_model, monkeypatch):
     monkeypatch.setattr(execution, "w4a8_available", lambda: False)
     with pytest.raises(ValueError, match=r"onnxruntime, which is not installed \(pip install 'slimforge\[cpu\]'\)"):
         load(model, CONFIGS[0], "w4a8")
+
+
+WEIGHT_ONLY = [(RtnConfig(name="int8", bits=8), execution.Int8Linear),
+               (RtnConfig(name="int8a", bits=8, symmetric=False), execution.Int8Linear),
+               (RtnConfig(name="w4a", bits=4, granularity="group", group_size=32, symmetric=False), Int4CpuLinear),
+               (RtnConfig(name="w3", bits=3, granularity="group", group_size=64), Int4CpuLinear)]
+
+
+@pytest.mark.parametrize("cfg,kind", WEIGHT_ONLY, ids=[c.name for c, _ in WEIGHT_ONLY])
+def test_weight_only_layers_switch_to_tiled_fp32_at_large_batches(cfg, kind, make_model, monkeypatch):
+    model = make_model(MLPConfig(hidden=[80]), (64,), 16, seed=2).eval()
+    loaded, layers = load(model, cfg, "w4a16")
+    module = loaded.backbone[1]
+    assert type(module) is kind
+    monkeypatch.setattr(kernels.cpu, "TILE_ROWS", 32)  # 80 output rows: tiles of 32, 32 and 16
+    calls = []
+    for fn in ("tiled_dense_matmul", "int8_weight_matmul", "int4_weight_matmul"):
+        real = getattr(execution, fn)
+        monkeypatch.setattr(execution, fn, lambda *a, _r=real, _n=fn: calls.append(_n) or _r(*a))
+    big = torch.randn(kernels.cpu.DENSE_FROM_ROWS, 64, generator=torch.Generator().manual_seed(0))
+    dense = big @ layers["backbone.1"].effective_weight().t() + model.backbone[1].bias
+    with torch.no_grad():
+        out_big, out_small = module(big), module(big[:3])
+    assert calls == ["tiled_dense_matmul", "int4_weight_matmul" if kind is Int4CpuLinear else "int8_weight_matmul"]
+    assert sqnr_db(dense, out_big) > 100, f"max |diff| {(dense - out_big).abs().max():.3e}"  # fp32 throughout
+    assert 35 < sqnr_db(dense[:3], out_small) < 100  # the packed op's bf16 activations
