@@ -59,8 +59,17 @@ def check_w4a16_args(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, g
             raise ValueError(f"w4a16_matmul: {name} must be (N, ceil(K/g)) = {(n, groups)}, got {tuple(t.shape)}")
 
 
-def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    """Dense float32 weight (N, K) = s * (q - z), each group's (s, z) repeated over its columns."""
+def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                    out: Tensor | None = None) -> Tensor:
+    """Dense float32 weight (N, K) = s * (q - z), each group's (s, z) repeated over its columns.
+
+    With ``out`` (N, K) float32, for K a multiple of the group size, it is written in place with
+    no (N, K) temporaries (the CPU layers' tiled large-batch path, ``kernels.cpu.tiled_dense_matmul``).
+    """
+    if out is not None:
+        out.copy_(unpack_int4(packed))  # (N, K) codes as floats
+        out.view(len(out), -1, group_size).sub_(zeros.float()[..., None]).mul_(scales.float()[..., None])
+        return out
     q = unpack_int4(packed).float()  # (N, K)
     k = q.shape[1]
     s = scales.float().repeat_interleave(group_size, dim=1)[:, :k]  # (N, K)

@@ -72,7 +72,7 @@ from kernels.cpu_w4a8 import (
     w4a8_matmul,
     w4a8_session,
 )
-from kernels.int4 import pack_int4, unpack_int4
+from kernels.int4 import dequantize_int4, pack_int4
 from tasks.quantize.layerwise import QuantizedLayer
 from tasks.quantize.rtn import QuantizedWeight
 
@@ -177,12 +177,9 @@ class Int4CpuLinear(PackedLinear):
         self.register_buffer("group_scales", qw.scales.float().to(device))  # (N, K/g)
         self.register_buffer("group_zeros", zeros.float().to(device))  # (N, K/g)
 
-    def _dequantize_rows(self, rows: slice, out: Tensor) -> Tensor:
-        r, g = len(out), self.group_size
-        out.copy_(unpack_int4(self.qweight[rows]))  # (r, K) codes as floats
-        grouped = out.view(r, -1, g)  # (r, K/g, g): K % g == 0 here (supports_int4_cpu)
-        grouped.sub_(self.group_zeros[rows, :, None]).mul_(self.group_scales[rows, :, None])
-        return out
+    def _dequantize_rows(self, rows: slice, out: Tensor) -> Tensor:  # K % g == 0 here (supports_int4_cpu)
+        return dequantize_int4(self.qweight[rows], self.group_scales[rows], self.group_zeros[rows], self.group_size,
+                               out=out)
 
     def _matmul(self, x: Tensor) -> Tensor:
         if x.shape[0] >= DENSE_FROM_ROWS:

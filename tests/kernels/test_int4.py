@@ -38,6 +38,10 @@ def test_reference_equals_explicit_dequantize_matmul(m, n, k, g):
         w[:, j] = s[:, j // g] * (q[:, j].float() - z[:, j // g])
     packed = pack_int4(q)
     torch.testing.assert_close(dequantize_int4(packed, s, z, g), w)
+    if k % g == 0:  # the in-place form, written into a buffer with stale contents
+        out = torch.full((n, k), float("nan"))
+        assert dequantize_int4(packed, s, z, g, out=out) is out
+        torch.testing.assert_close(out, w)
     torch.testing.assert_close(torch_w4a16_matmul(x, packed, s, z, g), x @ w.t())
     torch.testing.assert_close(kernels.w4a16_matmul(x, packed, s, z, g, kernel="torch"), x @ w.t())
 
