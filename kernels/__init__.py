@@ -26,8 +26,10 @@ tensors (the GPU's sparse tensor cores), with their own ``auto | torch | semi`` 
 
 Triton is imported lazily, inside the ``kernels.triton_*`` modules, the first time a Triton
 path runs; importing ``kernels`` never imports Triton. The packed CPU ops (torch's int8/int4
-``_weight_*pack_mm`` kernels) live in ``kernels.cpu`` and are called directly by the
-quantize stage's packed modules.
+``_weight_*pack_mm`` kernels, fbgemm's dynamic int8 Linear, and the tiled fp32 path that weight-only
+layers take at large batches) live in ``kernels.cpu``, and onnxruntime's W4A8 ``MatMulNBits`` (int4
+weights × int8 activations, with its torch reference) in ``kernels.cpu_w4a8``; the quantize
+stage's packed modules call them directly.
 """
 
 from __future__ import annotations
