@@ -28,7 +28,12 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -58,6 +63,7 @@ MASKED_VARIANTS = {
 }
 # the same packed weights run on onnxruntime's W4A8 MatMulNBits too (``cpu_int4: w4a8``)
 W4A8_TWINS = {"int4 group-128", "GPTQ int4 group-128", "AWQ int4 group-128"}
+RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION_TOKENS = 16
 SENTENCE_POOL = 400  # of the ~405 sentences english_sentences has
 
@@ -116,7 +122,25 @@ def encode_ms(model: nn.Module, tokenizer, batch: list[str], repeats: int, warmu
     return statistics.median(times)
 
 
-def main() -> None:
+def plot(df: pd.DataFrame, threads: list[int], batches: list[int], path: Path) -> None:
+    """Speedup over fp32 against batch size, one panel per thread count, each line labelled with its cosine."""
+    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 5.5), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], threads, strict=True):
+        for name, row in df.drop(index="fp32").iterrows():
+            ax.plot(batches, [row[f"speedup b{b} {t} thr"] for b in batches], marker="o",
+                    label=f"{name} (cos {row['cosine_mean']:.3f})")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.5, color="grey", ls="--", lw=0.8)  # the quantize issue's target
+        ax.set(xscale="log", xticks=batches, xticklabels=[str(b) for b in batches], xlabel="sentences per batch",
+               ylabel="speedup over fp32", title=f"all-MiniLM-L6-v2 encode, {t} thread(s)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)  # below the panels, off the lines
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts")
     ap.add_argument("--batch", type=int, nargs="+", default=[64], help="sentences per timed batch (one column each)")
@@ -128,7 +152,8 @@ def main() -> None:
     ap.add_argument("--gptq-calibration", type=int, default=128,
                     help="most sentences GPTQ and AWQ calibrate on, none of them evaluation sentences")
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
-    args = ap.parse_args()
+    ap.add_argument("--plot", type=Path, default=RESULTS / "minilm_latency.png", help="speedup vs batch plot")
+    args = ap.parse_args(argv)
     fp32, tokenizer = load_minilm()
     sentences = english_sentences(args.sentences)
     calib = calibration_ids(tokenizer, held_out(sentences, args.calibration))
@@ -156,6 +181,9 @@ def main() -> None:
           f"GPTQ/AWQ calibrated on {len(masked['input_ids'])} other sentences "
           f"({int(masked['attention_mask'].sum())} tokens)")
     print(df.to_string())
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(df, args.threads, args.batch, args.plot)
+    return df
 
 
 if __name__ == "__main__":
