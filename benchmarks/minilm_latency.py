@@ -42,7 +42,6 @@ from kernels.cpu_w4a8 import w4a8_available
 from slimforge.text import embedding_agreement, encode, english_sentences, load_minilm
 from tasks.quantize.awq import AwqConfig
 from tasks.quantize.gptq import GptqConfig
-from tasks.quantize.layerwise import Calibration
 from tasks.quantize.packed import load_quantized, packed_layout, quantize_model
 from tasks.quantize.rtn import GridConfig, RtnConfig
 from tasks.quantize.smoothquant import SmoothQuantConfig
@@ -85,11 +84,6 @@ def held_out(sentences: list[str], n: int) -> list[str]:
     return [rest[i * len(rest) // n] for i in range(n)] if n < len(rest) else rest
 
 
-def quantize_minilm(model: nn.Module, cfg: GridConfig, calib: Calibration | None = None) -> dict[str, Tensor]:
-    """The packed state of ``model`` quantized with ``cfg`` (calibrated on ``calib``)."""
-    return quantize_model(model, cfg, calib)
-
-
 def load_minilm_packed(model: nn.Module, cfg: GridConfig, state: dict[str, Tensor], cpu_int4: str = "w4a16") -> nn.Module:
     """A copy of ``model`` whose Linear layers run the packed weights of ``state``."""
     return load_quantized(copy.deepcopy(model), state, packed_layout(cfg, state), cpu_int4=cpu_int4).eval()
@@ -103,7 +97,7 @@ def quantized_models(fp32: nn.Module, calib: Tensor, masked: dict[str, Tensor], 
                             + [(n, c, masked) for n, c in MASKED_VARIANTS.items()]):
         if wanted and not any(w in name for w in wanted):
             continue
-        state = quantize_minilm(fp32, cfg, data)
+        state = quantize_model(fp32, cfg, data)
         models[name] = load_minilm_packed(fp32, cfg, state)
         if name in W4A8_TWINS and w4a8_available():
             models[f"{name} W4A8"] = load_minilm_packed(fp32, cfg, state, "w4a8")

@@ -17,7 +17,8 @@ rounding (> 90 dB SQNR in ``tests/kernels/test_cpu_w4a8.py``), not to the dense 
 (about 44 dB on random weights: that is the int8 activation grid's own error).
 
 Layout given to onnxruntime (built once at load by ``prepare_w4a8_cpu``): B uint8
-(N, ⌈K/g⌉, g/2), two codes per byte, low nibble the even k, the last block zero-padded;
+(N, ⌈K/g⌉, g/2), our ``pack_int4`` nibbles (low nibble the even k) cut per block, the last
+block zero-padded;
 scales fp32 (N, ⌈K/g⌉); zero points uint8 (N, ⌈⌈K/g⌉/2⌉), two per byte, low nibble first.
 ``block_size`` must be a power of two in [16, 256]. One ``InferenceSession`` per weight and
 thread count (sessions fix their thread pool; ``w4a8_session``), with spinning off so idle
@@ -35,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.int4 import pack_int4
+from kernels.w8a8 import quantize_activations
+
 W4A8_BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL_INT8 = 4  # MatMulNBits: compute with int8 activations (MLAS CompInt8)
 
@@ -48,11 +52,6 @@ def supports_w4a8_cpu(group_size: int, zeros: Tensor) -> bool:
     """Whether a weight with this group size and these zero points fits ``MatMulNBits``."""
     integral = bool(((zeros - zeros.round()).abs() == 0).all() and zeros.min() >= 0 and zeros.max() <= 15)
     return group_size in W4A8_BLOCK_SIZES and integral
-
-
-def _nibbles(codes: Tensor) -> Tensor:
-    """uint8 (R, C) with C even -> (R, C/2), low nibble the even column."""
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 def prepare_w4a8_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> dict[str, Tensor]:
@@ -72,8 +71,8 @@ def prepare_w4a8_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: i
                          f"{tuple(scales.shape)}, {tuple(zeros.shape)}")
     padded = F.pad(codes.to(torch.uint8), (0, blocks * group_size - k))  # (N, blocks·g)
     z = F.pad(zeros.round().to(torch.uint8), (0, blocks % 2))  # (N, even)
-    return {"B": _nibbles(padded).reshape(n, blocks, group_size // 2).contiguous(),
-            "scales": scales.float().contiguous(), "zero_points": _nibbles(z).contiguous()}
+    return {"B": pack_int4(padded).reshape(n, blocks, group_size // 2),  # our nibble layout, cut per block
+            "scales": scales.float().contiguous(), "zero_points": pack_int4(z)}
 
 
 def w4a8_session(weight: dict[str, Tensor], in_features: int, group_size: int, threads: int):
@@ -104,13 +103,13 @@ def w4a8_matmul(x: Tensor, session) -> Tensor:
 
 
 def quantize_activation_blocks(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """x (M, K) -> int8 codes (M, ⌈K/g⌉, g) and scales (M, ⌈K/g⌉, 1): symmetric absmax/127 per block."""
+    """x (M, K) -> int8 codes (M, ⌈K/g⌉, g) and scales (M, ⌈K/g⌉, 1): symmetric absmax/127 per block,
+    i.e. ``kernels.w8a8.quantize_activations`` per token with every block of g a token of its own."""
     m, k = x.shape
     blocks = -(-k // group_size)
-    xb = F.pad(x.float(), (0, blocks * group_size - k)).reshape(m, blocks, group_size)
-    d = xb.abs().amax(dim=2, keepdim=True) / 127  # (M, blocks, 1)
-    codes = torch.round(xb / torch.where(d == 0, 1.0, d)).clamp(-127, 127).to(torch.int8)
-    return codes, d
+    xb = F.pad(x.float(), (0, blocks * group_size - k)).reshape(m * blocks, group_size)
+    codes, scales = quantize_activations(xb, "per_token")  # (M·blocks, g), (M·blocks,)
+    return codes.reshape(m, blocks, group_size), scales.reshape(m, blocks, 1)
 
 
 def torch_w4a8_matmul(x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
